@@ -265,7 +265,9 @@ def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dic
 
     staging = output_dir / f".staging-{time.time_ns()}"
     staging.mkdir()
-    model.save_pretrained(staging, state_dict=full_state)
+    # Only adapter weights are trained; saying so stops peft from looking the base's config up on the hub to
+    # decide whether embedding layers changed (a warning on every offline save).
+    model.save_pretrained(staging, state_dict=full_state, save_embedding_layers=False)
     tokenizer.save_pretrained(staging)
     artifacts.write_json_atomic(staging / artifacts.RECIPE_FILE, recipe.to_record())
     trainer.state.save_to_json(str(staging / artifacts.TRAINER_STATE_FILE))
