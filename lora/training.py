@@ -125,30 +125,10 @@ class RecipeTrainer(Trainer):
         if return_outputs or not accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        return self._answer_only_loss(model, inputs, num_items_in_batch)
-
-    def _answer_only_loss(self, model, inputs, num_items_in_batch):
-        """The stock causal-LM loss, with the vocabulary projection run only where a label is predicted.
-
-        Answers are a few tokens of each example, and the output head (e.g. 576 x 49152 for SmolLM2) is the largest
-        matrix of a small model: projecting every prompt position and taking its log-softmax is most of the waste.
-        Positions kept are those where any row of the batch predicts an answer token; the loss is reduced exactly
-        as transformers reduces it (summed over tokens and divided by the batch's token count when the Trainer
-        supplies it, a per-micro-batch mean otherwise), so gradients equal the stock ones.
-        """
-        targets = next_token_targets(inputs["labels"])
-        positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        logits = model(**model_inputs, logits_to_keep=positions).logits
-        kept_targets = targets[:, positions].reshape(-1)
-        flat_logits = logits.float().reshape(-1, logits.shape[-1])
-        if num_items_in_batch is None:
-            return torch.nn.functional.cross_entropy(flat_logits, kept_targets, ignore_index=IGNORE_INDEX)
-        loss = torch.nn.functional.cross_entropy(flat_logits, kept_targets, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was global
+        loss = answer_only_loss(model, inputs, num_items_in_batch)
+        counted_globally = self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+        if num_items_in_batch is not None and counted_globally:
+            loss = loss * self.accelerator.num_processes  # as the stock Trainer: DDP averages, the count was global
         return loss
 
     def total_answer_tokens(self) -> int:
@@ -209,6 +189,27 @@ class RecipeTrainer(Trainer):
             artifacts.publish_checkpoint(staging_root / name, final_root / name)
             rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss of transformers, with the vocabulary projection run only where a label is predicted.
+
+    Answers are a few tokens of each example, and the output head (576 x 49152 for SmolLM2) is the largest matrix
+    of a small model: projecting every prompt position and taking its log-softmax is most of the waste. Positions
+    kept are those where any row of the batch predicts an answer token; the loss is reduced as transformers
+    reduces it (summed and divided by `num_items_in_batch` when given, the mean over answer tokens otherwise), so
+    loss and gradients equal the stock ones (tests/test_training_loss.py).
+    """
+    targets = next_token_targets(inputs["labels"])
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    logits = model(**model_inputs, logits_to_keep=positions).logits
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    kept_targets = targets[:, positions].reshape(-1)
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(flat_logits, kept_targets, ignore_index=IGNORE_INDEX)
+    total = torch.nn.functional.cross_entropy(flat_logits, kept_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
