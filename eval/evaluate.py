@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
     parser.add_argument("--mode", choices=("choice", "generate"),
                         help="choice: label log-likelihood (classification tasks); generate: greedy generation + "
-                             "parsing. Default: choice where the task allows it")
+                             "parsing. Default: the recipe's eval_mode, else choice where the task allows it")
     parser.add_argument("--quant-bits", choices=sorted(QUANT_CHOICES),
                         help="load the base 4-bit (NF4), 8-bit or unquantised (none); default: as trained")
     parser.add_argument("--prompt-template", help="for --base-model: plain (default), chat or a {context} string")
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     task_names = expand_task_names(names, args.suite, args.task_registry, extra_names=tuple(data_overrides))
     template = args.prompt_template or plan["settings"].get("prompt_template", "plain")
     limit = args.limit or plan["default_limit"]
+    recorded_mode = plan["settings"].get("eval_mode", "auto")  # the recipe's, as the runner scored it
+    mode = args.mode or (None if recorded_mode == "auto" else recorded_mode)
 
     from eval.harness import evaluate_tasks, prepare_tasks
     from lora.data import check_template
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     run_info = {"model": plan["model"], "model_path": plan["path"], "model_origin": plan["origin"],
                 "adapter": str(plan["adapter"]) if plan["adapter"] else None, "quant_bits": plan["quant_bits"]}
     results = evaluate_tasks(model, tokenizer, task_names, prompt_template=template, limit=limit,
-                             batch_size=args.batch_size, mode=args.mode, out_dir=plan["out"],
+                             batch_size=args.batch_size, mode=mode, out_dir=plan["out"],
                              data_overrides=data_overrides, progress=not args.no_progress,
                              registry=args.task_registry, run_info=run_info)
     what = f"adapter {plan['adapter']}" if plan["adapter"] else f"base model {plan['model']}"
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         base_out = plan["out"].with_name(plan["out"].name + "_base") if args.out else plan["adapter"] / "eval_base"
         with model.disable_adapter():  # the very same quantised base, adapter layers bypassed
             base_results = evaluate_tasks(model, tokenizer, list(results), prompt_template=template, limit=limit,
-                                          batch_size=args.batch_size, mode=args.mode, out_dir=base_out,
+                                          batch_size=args.batch_size, mode=mode, out_dir=base_out,
                                           data_overrides=data_overrides, progress=not args.no_progress,
                                           registry=args.task_registry, run_info={**run_info, "adapter": None})
         from eval.compare import markdown_table, table_rows

@@ -7,7 +7,6 @@ neutralisers are imported first so that no quantised layer is ever built without
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import nn
@@ -169,13 +168,11 @@ def attach_adapter(recipe, model):
     # packed sequences (attention would then leak across packed examples).
     model.config.use_cache = False
     if recipe.quantised and not stores_4bit_as_float(recipe):
-        with warnings.catch_warnings():  # peft 0.21 still reads a property transformers 5 deprecates: not ours
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=recipe["gradient_checkpointing"],
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif recipe["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

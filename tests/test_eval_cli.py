@@ -50,6 +50,22 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+def test_recorded_eval_mode_is_the_default_and_the_flag_overrides_it(repo_root, adapter_dir, sentiment_file, tmp_path):
+    recipe_file = adapter_dir / "recipe.json"
+    original = recipe_file.read_text()
+    recipe_file.write_text(json.dumps({**json.loads(original), "eval_mode": "generate"}))
+    try:
+        common = ["eval/evaluate.py", "--adapter", adapter_dir, "--data", f"sentiment={sentiment_file}",
+                  "--no-progress"]
+        recorded = run(repo_root, *common, "--out", tmp_path / "recorded")
+        flagged = run(repo_root, *common, "--out", tmp_path / "flagged", "--mode", "choice")
+    finally:
+        recipe_file.write_text(original)
+    assert recorded.returncode == 0 and flagged.returncode == 0, recorded.stderr + flagged.stderr
+    assert json.loads((tmp_path / "recorded" / "sentiment.json").read_text())["mode"] == "generate"
+    assert json.loads((tmp_path / "flagged" / "sentiment.json").read_text())["mode"] == "choice"
+
+
 def test_adapter_is_scored_on_its_recorded_base_quantisation_and_template(repo_root, adapter_dir, sentiment_file,
                                                                           tiny_model_dir):
     result = run(repo_root, "eval/evaluate.py", "--adapter", adapter_dir, "--data", f"sentiment={sentiment_file}",
