@@ -157,7 +157,7 @@ def time_trainer_steps(trainer) -> list[float]:
     return timer.seconds
 
 
-def time_bare_loop(recipe, trainer) -> list[float]:
+def time_bare_loop(trainer) -> list[float]:
     """The runner's model and batches, trained by a plain loop with the Trainer's optimizer and schedule."""
     import torch
     from transformers import Trainer, get_scheduler
@@ -224,7 +224,7 @@ def run_variant(args) -> dict:
         else:
             recipe = resolved_recipe(args)
             trainer, tokenizer = runner_trainer(recipe, Path(scratch))
-            seconds = time_trainer_steps(trainer) if args.variant == "runner" else time_bare_loop(recipe, trainer)
+            seconds = time_trainer_steps(trainer) if args.variant == "runner" else time_bare_loop(trainer)
             lengths = [len(row["input_ids"]) for row in trainer.train_dataset]
             tokens_per_row = statistics.fmean(lengths)
     timed = seconds[args.warmup:]

@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     task_names = expand_task_names(names, args.suite, args.task_registry, extra_names=tuple(data_overrides))
     template = args.prompt_template or plan["settings"].get("prompt_template", "plain")
     limit = args.limit or plan["default_limit"]
-    recorded_mode = plan["settings"].get("eval_mode", "auto")  # the recipe's, as the runner scored it
-    mode = args.mode or (None if recorded_mode == "auto" else recorded_mode)
+    mode = args.mode or plan["settings"].get("eval_mode")  # else the recipe's, as the runner scored it
 
     from eval.harness import evaluate_tasks, prepare_tasks
     from lora.data import check_template

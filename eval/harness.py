@@ -41,6 +41,8 @@ def library_versions() -> dict[str, str]:
 
 
 def choose_mode(task: Task, requested: str | None) -> str:
+    """The task's scoring mode: the requested one, or the task's default for None or "auto" (a recipe's eval_mode)."""
+    requested = None if requested == "auto" else requested
     if requested is not None and requested not in MODES:
         raise TaskError(f'mode "{requested}" is neither "choice" nor "generate".')
     if requested == "choice" and not task.allows_choice:
@@ -258,7 +260,7 @@ def evaluate_tasks(
         task_names: registry task names, or any name given a file in `data_overrides`.
         prompt_template: the recipe's template ("plain", "chat" or a "{context}" format string).
         limit: score only the first N rows of each task.
-        mode: "choice", "generate", or None for each task's default (choice for classification).
+        mode: "choice", "generate", or None / "auto" for each task's default (choice for classification).
         out_dir: where to write <task>.json and <task>.predictions.jsonl (nothing is written when None).
         data_overrides: {task: jsonl path} replacing (or, for new names, defining) a task's data.
         registry: a task registry other than eval/tasks.json.

@@ -253,9 +253,8 @@ def score_tasks(recipe, model, tokenizer, out_dir: Path, when: str) -> dict:
     from eval.harness import evaluate_tasks
 
     milestone(f"scoring {', '.join(recipe['eval_tasks'])} {when}")
-    mode = None if recipe["eval_mode"] == "auto" else recipe["eval_mode"]
     return evaluate_tasks(model, tokenizer, recipe["eval_tasks"], prompt_template=recipe["prompt_template"],
-                          limit=recipe["eval_limit"], mode=mode, out_dir=out_dir)
+                          limit=recipe["eval_limit"], mode=recipe["eval_mode"], out_dir=out_dir)
 
 
 def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dict, output_dir: Path,

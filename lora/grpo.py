@@ -27,7 +27,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from lora.data import check_template, prompt_text
 from lora.rewards import build_trl_reward, infer_labels
-from lora.training import ProgressAndGuard, RecipeTrainer, TrainingHistory
+from lora.training import ProgressAndGuard, RecipeTrainer, TrainingHistory, shared_trainer_arguments
 
 # What TRL logs per logging step that the run record keeps (besides rewards/<name>/mean for each reward).
 LOGGED_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
@@ -102,34 +102,12 @@ class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
 def build_grpo_config(recipe, checkpoint_dir: Path) -> GRPOConfig:
     """GRPOConfig from a recipe: the same optimisation and logging fields as lora.training's SFT arguments."""
     return GRPOConfig(
-        output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=recipe["batch_size"],
-        gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
-        learning_rate=recipe["learning_rate"],
-        num_train_epochs=recipe["num_epochs"],
-        max_steps=recipe["max_steps"],
-        lr_scheduler_type=recipe["lr_scheduler_type"],
-        warmup_steps=recipe["warmup_steps"] or recipe["warmup_ratio"],
-        weight_decay=recipe["weight_decay"],
-        max_grad_norm=recipe["max_grad_norm"],
-        seed=recipe["seed"],
-        data_seed=recipe["seed"],
-        logging_steps=recipe["logging_steps"],
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # as for SFT: a NaN loss must reach the guard
-        save_strategy="steps" if recipe["save_steps"] else "no",
-        save_steps=recipe["save_steps"] or 500,
-        save_total_limit=recipe["save_total_limit"],
+        **shared_trainer_arguments(recipe, checkpoint_dir),
         eval_strategy="no",
         # TRL turns these on by default; the recipe decides, as for SFT (bf16 autocast is not what a recipe asked).
         gradient_checkpointing=recipe["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-        report_to="none",
-        disable_tqdm=True,
         # GRPO proper
         num_generations=recipe["num_generations"],
         max_completion_length=recipe["max_completion_length"],

@@ -19,12 +19,12 @@ from lora import artifacts
 from lora.data import IGNORE_INDEX
 
 
-def build_training_arguments(recipe, checkpoint_dir: Path) -> TrainingArguments:
-    has_validation = bool(recipe["validation_path"]) or recipe["validation_split"] > 0
-    return TrainingArguments(
+def shared_trainer_arguments(recipe, checkpoint_dir: Path) -> dict:
+    """The Trainer arguments every recipe maps the same way, supervised or GRPO: optimisation, schedule, logging,
+    checkpoints and device; each trainer adds its own on top."""
+    return dict(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=recipe["batch_size"],
-        per_device_eval_batch_size=recipe["batch_size"],
         gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
         learning_rate=recipe["learning_rate"],
         num_train_epochs=recipe["num_epochs"],
@@ -41,16 +41,24 @@ def build_training_arguments(recipe, checkpoint_dir: Path) -> TrainingArguments:
         save_strategy="steps" if recipe["save_steps"] else "no",
         save_steps=recipe["save_steps"] or 500,
         save_total_limit=recipe["save_total_limit"],
-        eval_strategy="steps" if recipe["eval_steps"] else "no",
-        eval_steps=recipe["eval_steps"],
-        do_eval=has_validation,
         use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         report_to="none",
         disable_tqdm=True,  # our own bar below shows loss and tokens/s
+    )
+
+
+def build_training_arguments(recipe, checkpoint_dir: Path) -> TrainingArguments:
+    has_validation = bool(recipe["validation_path"]) or recipe["validation_split"] > 0
+    return TrainingArguments(
+        **shared_trainer_arguments(recipe, checkpoint_dir),
+        per_device_eval_batch_size=recipe["batch_size"],
+        eval_strategy="steps" if recipe["eval_steps"] else "no",
+        eval_steps=recipe["eval_steps"],
+        do_eval=has_validation,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
     )
 
 
@@ -118,11 +126,14 @@ class RecipeTrainer(Trainer):
     history: TrainingHistory | None = None  # set by build_trainer
     _non_finite_loss: float | None = None  # a NaN/inf micro-batch loss seen since the last optimizer step
     _checkpoint_root: Path | None = None  # while a checkpoint is being written: where it goes
+    _projects_chosen_positions: bool | None = None  # accepts_logits_to_keep(model), decided on the first batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.answer_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
-        if return_outputs or not accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+        if self._projects_chosen_positions is None:
+            self._projects_chosen_positions = accepts_logits_to_keep(self.accelerator.unwrap_model(model))
+        if return_outputs or not self._projects_chosen_positions:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         loss = answer_only_loss(model, inputs, num_items_in_batch)
