@@ -101,7 +101,8 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
 
     from lora import artifacts
     from lora.data import build_collator, build_datasets, check_template, file_sha256, load_rows
-    from lora.model_building import attach_adapter, build_quantization_config, load_base_model, load_tokenizer
+    from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
+                                     load_tokenizer)
     from lora.model_source import resolve_model_source
     from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
 
@@ -113,13 +114,16 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     for key in ("dataset_path", "validation_path"):
         if recipe[key]:
             load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
+    source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
+    if recipe["init_adapter"]:
+        check_init_adapter(recipe, portable_base_model_id(recipe, source))
     if state.is_main_process:
         artifacts.prepare_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
     state.wait_for_everyone()
 
-    source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     milestone(f"recipe {recipe.name}: {recipe['base_model']} ({source.origin}), "
-              f"{'DoRA' if recipe['use_dora'] else 'LoRA'} r={recipe['lora_r']}, "
+              f"{'DoRA' if recipe['use_dora'] else 'LoRA'} r={recipe['lora_r']}"
+              f"{' from ' + recipe['init_adapter'] if recipe['init_adapter'] else ''}, "
               f"{str(recipe['quant_bits']) + '-bit' if recipe.quantised else recipe['dtype']} base, "
               f"{state.num_processes} process(es)")
     tokenizer = load_tokenizer(source.path, trust_remote_code=recipe["trust_remote_code"])
@@ -157,6 +161,8 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         "base_model": recipe["base_model"],
         "model_source": source.origin,
         "dataset_sha256": file_sha256(recipe["dataset_path"]),
+        "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / "adapter_model.safetensors")
+                                if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
         "library_versions": artifacts.library_versions(),
         "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
@@ -267,7 +273,8 @@ def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dic
     staging.mkdir()
     # Only adapter weights are trained; saying so stops peft from looking the base's config up on the hub to
     # decide whether embedding layers changed (a warning on every offline save).
-    model.save_pretrained(staging, state_dict=full_state, save_embedding_layers=False)
+    # Only the trained adapter: a grpo run from init_adapter also holds TRL's frozen "ref" copy of the start.
+    model.save_pretrained(staging, state_dict=full_state, save_embedding_layers=False, selected_adapters=["default"])
     tokenizer.save_pretrained(staging)
     artifacts.write_json_atomic(staging / artifacts.RECIPE_FILE, recipe.to_record())
     trainer.state.save_to_json(str(staging / artifacts.TRAINER_STATE_FILE))

@@ -180,7 +180,8 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
     trainer.history = history  # RecipeTrainer's non-finite guard records into it
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    use_base_as_reference(trainer.model)
+    if not recipe["init_adapter"]:
+        use_base_as_reference(trainer.model)
     restore_adapter_dtypes(trainer.model, adapter_dtypes)
     return trainer, history
 
@@ -189,10 +190,11 @@ def use_base_as_reference(model) -> None:
     """Make the KL reference the frozen base (adapter disabled) instead of a copy of the adapter.
 
     Given an existing peft model and beta > 0, TRL 1.16 adds a second adapter "ref" copied from "default" and takes
-    the reference log-probabilities through it; without one it runs the model under `disable_adapter()`. Our
-    adapter is freshly initialised (LoRA B = 0, DoRA magnitude = the base's row norms), so the copy only equals the
-    base up to rounding, costs an adapter's memory, and would be saved next to the adapter as `ref/`. Dropping it
-    leaves TRL's other branch: the base itself, exactly.
+    the reference log-probabilities through it; without one it runs the model under `disable_adapter()`. A fresh
+    adapter (LoRA B = 0, DoRA magnitude = the base's row norms) equals the base, so the copy only equals the base up
+    to rounding and costs an adapter's memory. Dropping it leaves TRL's other branch: the base itself, exactly.
+    A recipe with init_adapter keeps the copy: its reference is the starting policy (e.g. the supervised adapter),
+    which the base is not.
     """
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
@@ -202,7 +204,9 @@ def use_base_as_reference(model) -> None:
 def restore_adapter_dtypes(model, dtypes: dict[str, torch.dtype]) -> None:
     """Undo TRL's cast of LoRA weights to bfloat16 on quantised bases: the adapter trains in the dtype the runner
     chose (fp32), as in SFT recipes. Plain-bf16 weights with AdamW drop updates smaller than bf16's resolution
-    (TRL already exempts DoRA magnitudes for that reason), and saved adapters keep their SFT format."""
+    (TRL already exempts DoRA magnitudes for that reason), and saved adapters keep their SFT format. The frozen
+    "ref" copy (init_adapter) follows its "default" twin, so the reference is the starting adapter exactly."""
     for name, param in model.named_parameters():
-        if name in dtypes and param.dtype != dtypes[name]:
-            param.data = param.data.to(dtypes[name])
+        wanted = dtypes.get(name, dtypes.get(name.replace(".ref.", ".default.")))
+        if wanted is not None and param.dtype != wanted:
+            param.data = param.data.to(wanted)

@@ -178,8 +178,69 @@ def attach_adapter(recipe, model):
         model.enable_input_require_grads()
     set_seed(recipe["seed"])  # the adapter's initial weights follow the recipe's seed, whatever ran before
     peft_model = get_peft_model(model, build_lora_config(recipe, model))
+    if recipe["init_adapter"]:
+        load_initial_adapter(recipe, peft_model)
     if recipe["use_dora"] and recipe["fast_dora"]:
         from lora.fast_dora import enable_fast_dora
 
         enable_fast_dora(peft_model)
     return peft_model
+
+
+# adapter_config.json key -> the recipe field that must equal it for init_adapter to continue that adapter.
+INIT_ADAPTER_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "use_dora": "use_dora", "use_rslora": "use_rslora"}
+
+
+def check_init_adapter(recipe, base_model_id: str) -> None:
+    """Fail before any model loads unless `init_adapter` is a complete peft LoRA/DoRA adapter trained on this base
+    with this recipe's rank, alpha, DoRA and rsLoRA settings (a mismatch would load, or fail, far from its cause)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(recipe["init_adapter"])
+    config_path = folder / "adapter_config.json"
+    where = f'recipe "{recipe.name}": field "init_adapter" ({folder})'
+    if not config_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise RecipeError(f"{where} is not a finished adapter folder (expected adapter_config.json and "
+                          f"adapter_model.safetensors in it, as lora/finetune.py writes to outputs/<recipe>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise RecipeError(f"{where} holds a {config.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
+                          f"continued (lora/convert_adapter.py imports other formats as peft LoRA).")
+    problems = [f'"{field}" is {recipe[field]!r} but the adapter has {key}={config.get(key)!r} '
+                f'(set "{field}": {json.dumps(config.get(key))})'
+                for key, field in INIT_ADAPTER_FIELDS.items() if config.get(key, False) != recipe[field]]
+    adapter_base = config.get("base_model_name_or_path")
+    if adapter_base and adapter_base != base_model_id:
+        problems.append(f'"base_model" is {base_model_id!r} but the adapter was trained on {adapter_base!r} '
+                        f'(set "base_model": {json.dumps(adapter_base)})')
+    if problems:
+        raise RecipeError(f"{where} does not match the recipe: " + "; ".join(problems) + ".")
+
+
+def load_initial_adapter(recipe, peft_model) -> None:
+    """Overwrite the freshly built adapter "default" with init_adapter's weights, requiring every weight to match.
+
+    The recipe's LoraConfig (dropout included) stays in charge; only the trained tensors come from the folder.
+    """
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    built = set(peft_model.peft_config["default"].target_modules)
+    saved_config = peft_model.peft_config["default"].from_pretrained(recipe["init_adapter"])
+    saved = set(saved_config.target_modules)
+    if built != saved:
+        raise RecipeError(
+            f'recipe "{recipe.name}": field "init_adapter" ({recipe["init_adapter"]}) adapts {sorted(saved)} but the '
+            f"recipe's lora_target_modules resolve to {sorted(built)} (set \"lora_target_modules\": "
+            f"{sorted(saved)})."
+        )
+    weights = load_peft_weights(recipe["init_adapter"], device="cpu")
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
+    expected = {name for name in peft_model.state_dict() if "lora_" in name and ".default" in name}
+    missing = sorted(expected.intersection(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise RecipeError(
+            f'recipe "{recipe.name}": field "init_adapter" ({recipe["init_adapter"]}) does not fit the model: '
+            f"{len(missing)} adapter weight(s) missing (e.g. {missing[:2]}), {len(result.unexpected_keys)} "
+            f"unexpected (e.g. {result.unexpected_keys[:2]})."
+        )

@@ -29,7 +29,7 @@ ALIASES = {
     "peft_use_dora": "use_dora",
     "peft_use_rslora": "use_rslora",
 }
-PATH_FIELDS = ("dataset_path", "validation_path")
+PATH_FIELDS = ("dataset_path", "validation_path", "init_adapter")
 FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 EIGHT_BIT_FIELDS = ("llm_int8_threshold",)
 GRPO_FIELDS = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
