@@ -201,8 +201,13 @@ def check_init_adapter(recipe, base_model_id: str) -> None:
     config_path = folder / "adapter_config.json"
     where = f'recipe "{recipe.name}": field "init_adapter" ({folder})'
     if not config_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+        from lora.recipes import read_registry, runnable_names
+
+        producer = folder.name if folder.name in runnable_names(read_registry(recipe.registry_path)[1]) else None
+        hint = (f"train it first: python lora/finetune.py {producer}" if producer
+                else "lora/finetune.py writes them to outputs/<recipe>/")
         raise RecipeError(f"{where} is not a finished adapter folder (expected adapter_config.json and "
-                          f"adapter_model.safetensors in it, as lora/finetune.py writes to outputs/<recipe>/).")
+                          f"adapter_model.safetensors in it; {hint}).")
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise RecipeError(f"{where} holds a {config.get('peft_type')} adapter; only LoRA/DoRA adapters can be "

@@ -42,6 +42,7 @@ def registry(tmp_path_factory, tiny_model_dir):
                        "kl_beta": 0.1, "learning_rate": 0.01},
         "wrong_rank": {**dora, "init_adapter": "adapters/start", "lora_r": 8, "use_dora": False},
         "missing": {**dora, "init_adapter": "adapters/nothing-here"},
+        "needs_start": {**dora, "init_adapter": "outputs/start"},  # the output folder of a recipe not yet run
     }
     path = folder / "finetune_configs.json"
     path.write_text(json.dumps(recipes, indent=2))
@@ -90,6 +91,7 @@ def test_recipe_loads_every_weight_of_the_adapter_exactly(registry, start_adapte
     ("wrong_rank", ['"lora_r" is 8 but the adapter has r=4 (set "lora_r": 4)',
                     '"use_dora" is False but the adapter has use_dora=True (set "use_dora": true)']),
     ("missing", ['field "init_adapter"', "adapters/nothing-here", "is not a finished adapter folder"]),
+    ("needs_start", ["outputs/start", "train it first: python lora/finetune.py start"]),
 ])
 def test_mismatched_or_missing_adapter_exits_2_before_anything_is_written(registry, start_adapter, tmp_path, capsys,
                                                                           recipe_name, fragments):
