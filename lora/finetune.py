@@ -100,6 +100,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     from accelerate import PartialState
 
     from lora import artifacts
+    from lora.adapter_io import ADAPTER_WEIGHTS
     from lora.data import build_collator, build_datasets, check_template, file_sha256, load_rows
     from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
                                      load_tokenizer)
@@ -161,7 +162,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         "base_model": recipe["base_model"],
         "model_source": source.origin,
         "dataset_sha256": file_sha256(recipe["dataset_path"]),
-        "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / "adapter_model.safetensors")
+        "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
         "library_versions": artifacts.library_versions(),

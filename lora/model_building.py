@@ -6,7 +6,9 @@ neutralisers are imported first so that no quantised layer is ever built without
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -193,32 +195,36 @@ INIT_ADAPTER_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "use_dora": "u
 
 def check_init_adapter(recipe, base_model_id: str) -> None:
     """Fail before any model loads unless `init_adapter` is a complete peft LoRA/DoRA adapter trained on this base
-    with this recipe's rank, alpha, DoRA and rsLoRA settings (a mismatch would load, or fail, far from its cause)."""
-    import json
-    from pathlib import Path
+    with this recipe's rank, alpha, DoRA and rsLoRA settings (a mismatch would load, or fail, far from its cause).
+    A DoRA export normalised for an inference runtime is refused like every other tool refuses it."""
+    from lora.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, read_adapter_records,
+                                 refuse_if_normalised)
 
     folder = Path(recipe["init_adapter"])
-    config_path = folder / "adapter_config.json"
     where = f'recipe "{recipe.name}": field "init_adapter" ({folder})'
-    if not config_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         from lora.recipes import read_registry, runnable_names
 
         producer = folder.name if folder.name in runnable_names(read_registry(recipe.registry_path)[1]) else None
         hint = (f"train it first: python lora/finetune.py {producer}" if producer
                 else "lora/finetune.py writes them to outputs/<recipe>/")
-        raise RecipeError(f"{where} is not a finished adapter folder (expected adapter_config.json and "
-                          f"adapter_model.safetensors in it; {hint}).")
-    config = json.loads(config_path.read_text())
+        raise RecipeError(f"{where} is not a finished adapter folder (expected {ADAPTER_CONFIG} and "
+                          f"{ADAPTER_WEIGHTS} in it; {hint}).")
+    try:
+        refuse_if_normalised(folder)
+        records = read_adapter_records(folder)
+    except AdapterError as error:  # the shared reader's words, said about this recipe's field
+        raise RecipeError(f"{where}: {error}") from None
+    config = records.adapter_config
     if config.get("peft_type") != "LORA":
         raise RecipeError(f"{where} holds a {config.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
                           f"continued (lora/convert_adapter.py imports other formats as peft LoRA).")
     problems = [f'"{field}" is {recipe[field]!r} but the adapter has {key}={config.get(key)!r} '
                 f'(set "{field}": {json.dumps(config.get(key))})'
                 for key, field in INIT_ADAPTER_FIELDS.items() if config.get(key, False) != recipe[field]]
-    adapter_base = config.get("base_model_name_or_path")
-    if adapter_base and adapter_base != base_model_id:
-        problems.append(f'"base_model" is {base_model_id!r} but the adapter was trained on {adapter_base!r} '
-                        f'(set "base_model": {json.dumps(adapter_base)})')
+    if records.base_model and records.base_model != base_model_id:
+        problems.append(f'"base_model" is {base_model_id!r} but the adapter was trained on {records.base_model!r} '
+                        f'(set "base_model": {json.dumps(records.base_model)})')
     if problems:
         raise RecipeError(f"{where} does not match the recipe: " + "; ".join(problems) + ".")
 
@@ -228,19 +234,22 @@ def load_initial_adapter(recipe, peft_model) -> None:
 
     The recipe's LoraConfig (dropout included) stays in charge; only the trained tensors come from the folder.
     """
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
-    built = set(peft_model.peft_config["default"].target_modules)
-    saved_config = peft_model.peft_config["default"].from_pretrained(recipe["init_adapter"])
-    saved = set(saved_config.target_modules)
+    from lora.adapter_io import read_adapter_records, read_adapter_weights
+
+    def names(targets):  # peft keeps a list/set of module names, or one regular expression
+        return targets if isinstance(targets, str) else sorted(set(targets))
+
+    built = names(peft_model.peft_config["default"].target_modules)
+    saved = names(read_adapter_records(recipe["init_adapter"]).adapter_config.get("target_modules") or [])
     if built != saved:
         raise RecipeError(
-            f'recipe "{recipe.name}": field "init_adapter" ({recipe["init_adapter"]}) adapts {sorted(saved)} but the '
-            f"recipe's lora_target_modules resolve to {sorted(built)} (set \"lora_target_modules\": "
-            f"{sorted(saved)})."
+            f'recipe "{recipe.name}": field "init_adapter" ({recipe["init_adapter"]}) adapts {saved} but the '
+            f"recipe's lora_target_modules resolve to {built} (set \"lora_target_modules\": {json.dumps(saved)})."
         )
-    weights = load_peft_weights(recipe["init_adapter"], device="cpu")
-    result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
+    result = set_peft_model_state_dict(peft_model, read_adapter_weights(recipe["init_adapter"]),
+                                       adapter_name="default")
     expected = {name for name in peft_model.state_dict() if "lora_" in name and ".default" in name}
     missing = sorted(expected.intersection(result.missing_keys))
     if missing or result.unexpected_keys:

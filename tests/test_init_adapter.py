@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -43,6 +44,8 @@ def registry(tmp_path_factory, tiny_model_dir):
         "wrong_rank": {**dora, "init_adapter": "adapters/start", "lora_r": 8, "use_dora": False},
         "missing": {**dora, "init_adapter": "adapters/nothing-here"},
         "needs_start": {**dora, "init_adapter": "outputs/start"},  # the output folder of a recipe not yet run
+        "normalised": {**dora, "init_adapter": "adapters/normalised"},
+        "broken_config": {**dora, "init_adapter": "adapters/broken"},
     }
     path = folder / "finetune_configs.json"
     path.write_text(json.dumps(recipes, indent=2))
@@ -61,6 +64,11 @@ def start_adapter(registry):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.5)
     folder = registry.parent / "adapters" / "start"
     model.save_pretrained(folder)
+    # Two unusable copies: one marked as a runtime export (magnitudes divided by the norm), one with a broken config.
+    for name, edit in (("normalised", lambda text: text.replace("{", '{"dora_magnitudes_normalised": true, ', 1)),
+                       ("broken", lambda text: text[: len(text) // 2])):
+        copy = shutil.copytree(folder, folder.parent / name)
+        (copy / "adapter_config.json").write_text(edit((folder / "adapter_config.json").read_text()))
     return folder
 
 
@@ -92,6 +100,8 @@ def test_recipe_loads_every_weight_of_the_adapter_exactly(registry, start_adapte
                     '"use_dora" is False but the adapter has use_dora=True (set "use_dora": true)']),
     ("missing", ['field "init_adapter"', "adapters/nothing-here", "is not a finished adapter folder"]),
     ("needs_start", ["outputs/start", "train it first: python lora/finetune.py start"]),
+    ("normalised", ["adapters/normalised", "is a NORMALISED DoRA adapter"]),
+    ("broken_config", ["adapters/broken", "adapter_config.json:", "is not valid JSON"]),
 ])
 def test_mismatched_or_missing_adapter_exits_2_before_anything_is_written(registry, start_adapter, tmp_path, capsys,
                                                                           recipe_name, fragments):
