@@ -72,12 +72,21 @@ def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> No
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary sibling and rename it into place, with the mode any other output file gets."""
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")
         temp_name = handle.name
+    os.chmod(temp_name, new_file_mode())  # mkstemp creates 0600 whatever the umask says
     os.replace(temp_name, path)
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def publish_folder(staging_dir: Path, output_dir: Path, last: str = "adapter_config.json") -> None:
@@ -87,7 +96,7 @@ def publish_folder(staging_dir: Path, output_dir: Path, last: str = "adapter_con
     for path in sorted(files, key=lambda p: p.name == last):
         target = output_dir / path.relative_to(staging_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o644)  # temp files are created 0600; outputs are meant to be shared
+        path.chmod(new_file_mode())  # safetensors and temporary files are written 0600; outputs are meant to be shared
         os.replace(path, target)
     shutil.rmtree(staging_dir, ignore_errors=True)
     checkpoints = output_dir / CHECKPOINT_DIR

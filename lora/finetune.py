@@ -105,6 +105,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
                                      load_tokenizer)
     from lora.model_source import resolve_model_source
+    from lora.tracking import finish_tracking, prepare_trackers
     from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
 
     started = time.perf_counter()
@@ -115,6 +116,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     for key in ("dataset_path", "validation_path"):
         if recipe[key]:
             load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
+    prepare_trackers(recipe, output_dir / artifacts.CHECKPOINT_DIR)  # a tracker not installed: exit 2 now
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
@@ -161,6 +163,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         "recipe": recipe.name,
         "base_model": recipe["base_model"],
         "model_source": source.origin,
+        "weights_from": source.provenance,
         "dataset_sha256": file_sha256(recipe["dataset_path"]),
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
@@ -178,6 +181,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
 
     if history.stopped_on_non_finite_loss:
         summary.update(status="failed", reason="non-finite loss", losses=history.losses)
+        finish_tracking(trainer, summary)
         if state.is_main_process:
             artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
         raise TrainingError(
@@ -210,6 +214,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     )
     if hasattr(history, "reward_record"):
         summary["rewards"] = history.reward_record()
+    finish_tracking(trainer, summary)  # scores and key figures to the trackers, before the folder is published
     full_state = gathered_state_dict(trainer)  # a collective under FSDP/ZeRO-3: every process calls it
     if state.is_main_process:
         write_final_outputs(recipe, model, tokenizer, trainer, history, summary, output_dir, full_state)

@@ -22,12 +22,17 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from lora.data import check_template, prompt_text
 from lora.rewards import build_trl_reward, infer_labels
-from lora.training import ProgressAndGuard, RecipeTrainer, TrainingHistory, shared_trainer_arguments
+from lora.training import (
+    ProgressAndGuard,
+    RecipeTrainer,
+    TrainingHistory,
+    shared_trainer_arguments,
+    use_recipe_callbacks,
+)
 
 # What TRL logs per logging step that the run record keeps (besides rewards/<name>/mean for each reward).
 LOGGED_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
@@ -178,8 +183,7 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
         callbacks=[progress, RewardLog(history, progress)],
     )
     trainer.history = history  # RecipeTrainer's non-finite guard records into it
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
+    use_recipe_callbacks(trainer)
     if not recipe["init_adapter"]:
         use_base_as_reference(trainer.model)
     restore_adapter_dtypes(trainer.model, adapter_dtypes)

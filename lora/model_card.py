@@ -1,8 +1,21 @@
-"""The adapter's model card (README.md): front matter the hub understands, then what was trained and how well."""
+"""The adapter's model card (README.md): front matter the hub understands (base model, tags, and the eval scores as
+`model-index`, so a pushed adapter shows its results), then what was trained and how well.
+
+The card is written to be published: it names no path of the machine that trained it (run_summary.json keeps
+those: where the weights were read from, the data files).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCardData
+
+from lora.run_record import score_figures
+
+# eval task kind (eval/tasks.json) -> the hub's task type for model-index
+HUB_TASK_TYPES = {"classification": "text-classification"}
+HUB_DATASETS_URL = "https://huggingface.co/datasets/"
 
 
 def _format_scores(before: dict, after: dict) -> list[str]:
@@ -16,24 +29,58 @@ def _format_scores(before: dict, after: dict) -> list[str]:
     return lines
 
 
+def eval_results(scores_after: dict[str, dict]) -> list[EvalResult]:
+    """The after-training scores as the hub's model-index entries: one per task and declared metric."""
+    from eval.tasks import load_tasks
+
+    tasks = load_tasks()
+    results = []
+    for name, metrics in score_figures(scores_after).items():
+        task, scored = tasks.get(name), scores_after[name]
+        homepage = (task.source.get("homepage", "") if task else "") or ""
+        dataset_id = homepage.removeprefix(HUB_DATASETS_URL) if homepage.startswith(HUB_DATASETS_URL) else name
+        for metric, value in metrics.items():
+            results.append(EvalResult(
+                task_type=HUB_TASK_TYPES.get(scored.get("kind"), "text-generation"),
+                task_name=name,
+                dataset_type=dataset_id,
+                dataset_name=(task.description if task and task.description else name),
+                dataset_split="test",
+                metric_type=metric,
+                metric_value=value,
+                metric_name=f"{metric} ({scored.get('mode')} scoring, n={scored.get('n')})",
+            ))
+    return results
+
+
+def card_metadata(recipe, summary: dict, base_model_id: str) -> ModelCardData:
+    """The card's front matter; a base model named by a local folder is left out (the hub needs a hub id)."""
+    adapter = "DoRA" if recipe["use_dora"] else "LoRA"
+    return ModelCardData(
+        base_model=None if Path(base_model_id).is_absolute() else base_model_id,
+        library_name="peft",
+        tags=sorted({"lora", adapter.lower()}),
+        model_name=recipe.name,
+        eval_results=eval_results(summary.get("eval_after") or {}) or None,
+    )
+
+
 def write_model_card(path: Path, recipe, summary: dict, base_model_id: str) -> None:
     adapter = "DoRA" if recipe["use_dora"] else "LoRA"
     base = f"{recipe['quant_bits']}-bit" if recipe.quantised else recipe["dtype"]
+    named_base = base_model_id if not Path(base_model_id).is_absolute() else "a local model folder"
     lines = [
         "---",
-        f"base_model: {base_model_id}",
-        "library_name: peft",
-        "tags:",
-        *sorted({"- lora", f"- {adapter.lower()}"}),
+        card_metadata(recipe, summary, base_model_id).to_yaml(),
         "---",
         "",
         f"# {recipe.name}",
         "",
-        recipe["description"] or f"A {adapter} adapter for {recipe['base_model']}.",
+        recipe["description"] or f"A {adapter} adapter for {named_base}.",
         "",
         f"- adapter: {adapter}, r={recipe['lora_r']}, alpha={recipe['lora_alpha']}, dropout={recipe['lora_dropout']}"
         + (", rsLoRA" if recipe["use_rslora"] else ""),
-        f"- base during training: {base} ({summary.get('model_source')})",
+        f"- base during training: {named_base}, {base}; weights from {summary.get('weights_from')}",
         f"- data: {Path(recipe['dataset_path']).name} (sha256 {summary.get('dataset_sha256', '')[:12]}...), "
         f"prompt template `{recipe['prompt_template']}`",
         f"- steps: {summary.get('steps')}, loss {summary.get('first_loss'):.4f} -> {summary.get('final_loss'):.4f}",

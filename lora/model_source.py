@@ -59,11 +59,13 @@ class ModelSource:
         name: what the recipe said (hub id or path).
         path: what to pass to `from_pretrained()`: a local folder, or the hub id when the hub is used.
         origin: one sentence for run records, e.g. "local folder /x" or "Hugging Face hub".
+        provenance: the origin without local paths, for what leaves the machine (model cards).
     """
 
     name: str
     path: str
     origin: str
+    provenance: str = "Hugging Face hub"
 
 
 def hub_is_reachable(timeout_s: float = 3.0) -> bool:
@@ -131,13 +133,14 @@ def resolve_model_source(base_model: str, relative_to: Path | None = None) -> Mo
     looked_in = [f"local folder {local} (not there)"]
     cached, cache_note = _find_in_hf_cache(base_model)
     if cached is not None:
-        return ModelSource(base_model, str(cached), f"Hugging Face cache {cached} (hub unreachable)")
+        return ModelSource(base_model, str(cached), f"Hugging Face cache {cached} (hub unreachable)",
+                           "Hugging Face hub (a cached copy)")
     looked_in.append(cache_note)
 
     provider = OFFLINE_PROVIDERS.get(base_model)
     if provider is not None:
         folder = provider()
-        return ModelSource(base_model, str(folder), _converted_origin(folder))
+        return _converted_source(base_model, folder)
 
     offline = "offline (HF_HUB_OFFLINE is set)" if _offline_mode_requested() else "unreachable from this machine"
     raise ModelSourceError(
@@ -253,7 +256,7 @@ def _local_folder_source(base_model: str, folder: Path) -> ModelSource:
             "A base model folder holds config.json, the weights (*.safetensors) and tokenizer files, as written by "
             "`save_pretrained()` or `hf download`."
         )
-    return ModelSource(base_model, str(folder), _converted_origin(folder))
+    return _converted_source(base_model, folder)
 
 
 def _missing_model_files(folder: Path) -> str:
@@ -291,11 +294,12 @@ def _find_in_hf_cache(repo_id: str) -> tuple[Path | None, str]:
     return snapshot, ""
 
 
-def _converted_origin(folder: Path) -> str:
+def _converted_source(base_model: str, folder: Path) -> ModelSource:
     record = _read_source_record(folder)
     if not record:
-        return f"local folder {folder}"
-    return f"PyPI package {record['package']}=={record['version']} ({record['format']}), converted to {folder}"
+        return ModelSource(base_model, str(folder), f"local folder {folder}", "a local model folder")
+    package = f"PyPI package {record['package']}=={record['version']} ({record['format']})"
+    return ModelSource(base_model, str(folder), f"{package}, converted to {folder}", package)
 
 
 def _read_source_record(folder: Path) -> dict:

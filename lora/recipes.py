@@ -128,6 +128,13 @@ def _fields_set_with_quant_bits(layers: list[dict[str, Any]]) -> set[str]:
 
 
 def _describe_schema_error(error: jsonschema.ValidationError, schema: dict) -> str:
+    # A value of the right shape for one branch of a oneOf (e.g. a misspelt name for report_to) is best described
+    # by that branch's own complaint, which carries the allowed names and the nearest one.
+    if error.validator == "oneOf" and error.context:
+        mistyped = {sub.relative_schema_path[0] for sub in error.context if sub.validator == "type"}
+        shaped = [sub for sub in error.context if sub.relative_schema_path[0] not in mistyped]
+        if shaped:
+            return _describe_schema_error(max(shaped, key=lambda sub: len(sub.absolute_path)), schema)
     location = ".".join(str(part) for part in error.absolute_path)
     if error.validator == "additionalProperties":
         known = list(schema["properties"]) + list(ALIASES)
@@ -292,6 +299,7 @@ def resolve_recipe(
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise RecipeError(f'recipe "{name}" in {registry_path} has {len(problems)} problem(s):\n{listing}')
     _normalise(resolved, given)
+    resolved["run_name"] = resolved["run_name"] or name  # trackers name the run after the recipe by default
     for key in PATH_FIELDS:
         if resolved.get(key):
             resolved[key] = str((registry_path.parent / Path(resolved[key]).expanduser()).resolve())

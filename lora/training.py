@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lora import artifacts
 from lora.data import IGNORE_INDEX
+from lora.tracking import hold_trackers
 
 
 def shared_trainer_arguments(recipe, checkpoint_dir: Path) -> dict:
@@ -44,7 +45,8 @@ def shared_trainer_arguments(recipe, checkpoint_dir: Path) -> dict:
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        report_to="none",
+        report_to=recipe["report_to"],  # lora.tracking keeps these offline and logs the run record at the end
+        run_name=recipe["run_name"],
         disable_tqdm=True,  # our own bar below shows loss and tokens/s
     )
 
@@ -248,9 +250,16 @@ def build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset, c
         callbacks=[ProgressAndGuard(history)],
     )
     trainer.history = history
+    use_recipe_callbacks(trainer)
+    return trainer, history
+
+
+def use_recipe_callbacks(trainer) -> None:
+    """Our progress bar instead of the stock ones, and the trackers of report_to held open until the run record is
+    complete (lora.tracking)."""
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    return trainer, history
+    hold_trackers(trainer)
 
 
 def peak_memory_bytes() -> dict[str, int]:
