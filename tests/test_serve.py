@@ -11,16 +11,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from serving_helpers import serve_in_thread
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora.model_building import load_base_model
@@ -116,20 +115,9 @@ def _reference_texts(tiny_model_dir: Path, adapter_dir: Path | None, quant_bits:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters):
     """A real uvicorn server on a free 127.0.0.1 port, in a background thread; yields its base URL."""
-    app = create_app(_load_host(tiny_model_dir, adapters), window_ms=20)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert uvicorn_server.started, "the server did not start"
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=30)
-    listener.close()
+    app = create_app(_load_host(tiny_model_dir, adapters), adapter_root=adapters["lora"].parent, window_ms=20)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
