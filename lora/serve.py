@@ -4,6 +4,9 @@ Run (from any folder; the server listens on 127.0.0.1:8000 unless told otherwise
     .venv/bin/python lora/serve.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
         --adapter sentiment=outputs/sentiment --adapter ner=outputs/ner [--quant-bits 4|8] [--port 8000]
     .venv/bin/python lora/serve.py --adapter sentiment=outputs/sentiment     # base taken from the adapter's records
+    export LORA_SERVE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    .venv/bin/python lora/serve.py --host 0.0.0.0 --adapter sentiment=outputs/sentiment   # other machines, with a key
+    curl -s HOST:8000/v1/models -H "Authorization: Bearer $LORA_SERVE_API_KEY"
 
 Then:
     curl -s localhost:8000/v1/models
@@ -16,9 +19,10 @@ Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name 
 a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
 POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
 GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
-serving: 404 unknown model (the message lists the known ones), 409 name taken, 400 malformed JSON, a too-long
-prompt, an adapter that does not fit the base or is a DoRA adapter without (or with runtime-normalised)
-magnitudes, 422 a field of the wrong type, 503 queue full.
+serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken, 400
+malformed JSON, a too-long prompt, an adapter path not under --adapter-root, an adapter that does not fit the base
+or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API key, 413 body too large,
+422 a field of the wrong type, 503 queue full.
 
 Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
 and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA

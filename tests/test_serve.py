@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -337,8 +338,10 @@ def test_serve_command_starts_from_any_folder_serves_and_stops(tiny_model_dir, a
                "--adapter", f"lora={adapters['lora']}", "--adapter", f"dora={adapters['dora']}",
                "--port", str(port), "--threads", "1"]
     log_path = tmp_path / "server.log"
+    key = "end-to-end-key"
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "LORA_SERVE_API_KEY": key})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -349,7 +352,8 @@ def test_serve_command_starts_from_any_folder_serves_and_stops(tiny_model_dir, a
             except httpx.TransportError:
                 time.sleep(0.5)
         assert process.poll() is None, log_path.read_text()
-        with httpx.Client(base_url=url, timeout=60) as http:
+        assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401  # the key came from the environment
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
             assert _model_ids(http) == [str(tiny_model_dir), "lora", "dora"]
             assert _texts(_complete(http, "dora")) == _reference_texts(tiny_model_dir, adapters["dora"])
     finally:
