@@ -1,4 +1,5 @@
-"""A real uvicorn server in a background thread on a free 127.0.0.1 port, for the tests of lora/serve.py."""
+"""For the tests of lora/serve.py: a real uvicorn server in a background thread on a free 127.0.0.1 port, and
+one torch thread per module."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+import torch
 import uvicorn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread for a test module (import it there): two OpenMP threads on a 2-core machine shared with
+    other test runs can be 50x slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from serving_helpers import serve_in_thread
+from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora.model_building import load_base_model
@@ -51,15 +51,6 @@ def _write_adapter(base_model, out_dir: Path, *, use_dora: bool, seed: int, base
               "lora_alpha": 8, "prompt_template": "plain"}
     (out_dir / "recipe.json").write_text(json.dumps(recipe))
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Two OpenMP threads on a 2-core machine shared with other test runs can be 50x slower than one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

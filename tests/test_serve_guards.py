@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from serving_helpers import serve_in_thread
+from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora.errors import UserError
@@ -37,14 +37,6 @@ def _write_lora(base_dir: Path, out_dir: Path, seed: int) -> Path:
                         task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config).save_pretrained(out_dir)
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
