@@ -12,8 +12,9 @@
 Sends a fixed number of requests (--requests), at most --concurrency at a time, round-robin over every served model
 (the base included) and a few prompts, greedy. Reports wall time, requests/s, completion tokens/s, latency
 percentiles and the error count (anything but HTTP 200, or no answer within --request-timeout). Exit code 1 when
-any request failed. With --compare-unbatched a second server (--max-batch-size 1) serves the same load, so the
-gain from batching is a ratio measured side by side. The server is started on a free 127.0.0.1 port and stopped
+any request failed. A server that needs an API key gets it from --api-key or $LORA_SERVE_API_KEY (which the
+servers started here inherit). With --compare-unbatched a second server (--max-batch-size 1) serves the same load,
+so the gain from batching is a ratio measured side by side. The server is started on a free 127.0.0.1 port and stopped
 at the end; --url must point at a loopback address.
 """
 
@@ -36,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
+
+from lora.serving_guards import API_KEY_ENV  # noqa: E402
 
 PROMPTS = [
     "Instruction: What is the sentiment of this news? Answer: ",
@@ -182,7 +185,7 @@ async def run_load(url: str, models: list[str], args) -> tuple[list[Outcome], fl
         for it (from /health; zeros for a server without those counters).
     """
     limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, limits=limits, headers=auth_headers(args)) as http:
         for model in models:
             await one_request(http, model, PROMPTS[0], args)
         gate = asyncio.Semaphore(args.concurrency)
@@ -230,8 +233,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def served_models(url: str, wanted: list[str] | None) -> list[str]:
-    available = [card["id"] for card in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+def auth_headers(args) -> dict[str, str]:
+    """The bearer header for a server with an API key (flag, else the environment variable serve.py reads)."""
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def served_models(url: str, wanted: list[str] | None, args) -> list[str]:
+    response = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers(args))
+    if response.status_code == 401:
+        raise SystemExit(f"the server at {url} needs an API key: pass --api-key KEY or set ${API_KEY_ENV}")
+    available = [card["id"] for card in response.json()["data"]]
     if not wanted:
         return available
     unknown = [name for name in wanted if name not in available]
@@ -246,9 +258,9 @@ async def generate_counters(http: httpx.AsyncClient) -> tuple[int, int]:
 
 
 def measure(label: str, url: str, args) -> tuple[dict, list[Outcome]]:
-    models = served_models(url, args.models)
+    models = served_models(url, args.models, args)
     outcomes, wall_s, (calls, rows) = asyncio.run(run_load(url, models, args))
-    base = served_models(url, None)[0]
+    base = served_models(url, None, args)[0]
     names = ["base" if name == base else name for name in models]
     row = summarise(f"{label}; {', '.join(names)}", outcomes, wall_s, args)
     row["rows_per_generate"] = rows / calls if calls else float("nan")
@@ -272,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-window-ms", type=float, default=10.0)
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
     parser.add_argument("--compare-unbatched", action="store_true", help="also run a --max-batch-size 1 server")
+    parser.add_argument("--api-key", default=None, help=f"for a server that needs one (default: ${API_KEY_ENV})")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     return parser

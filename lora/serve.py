@@ -4,35 +4,45 @@ Run (from any folder; the server listens on 127.0.0.1:8000 unless told otherwise
     .venv/bin/python lora/serve.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
         --adapter sentiment=outputs/sentiment --adapter ner=outputs/ner [--quant-bits 4|8] [--port 8000]
     .venv/bin/python lora/serve.py --adapter sentiment=outputs/sentiment     # base taken from the adapter's records
+    export LORA_SERVE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    .venv/bin/python lora/serve.py --host 0.0.0.0 --adapter sentiment=outputs/sentiment   # other machines, with a key
+    curl -s HOST:8000/v1/models -H "Authorization: Bearer $LORA_SERVE_API_KEY"
 
 Then:
     curl -s localhost:8000/v1/models
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"model": "sentiment", "prompt": "Shares rose 5%.", "max_tokens": 16, "temperature": 0}'
-    curl -s localhost:8000/v1/adapters -H 'Content-Type: application/json' -d '{"name": "v2", "path": "outputs/v2"}'
+    curl -s localhost:8000/v1/adapters -H 'Content-Type: application/json' -d '{"name": "v2", "path": "v2"}'
     curl -s -X DELETE localhost:8000/v1/adapters/v2
 
 Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name as given to --base-model; `prompt`
 a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
 POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
 GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
-serving: 404 unknown model (the message lists the known ones), 409 name taken, 400 malformed JSON, a too-long
-prompt, an adapter that does not fit the base or is a DoRA adapter without (or with runtime-normalised)
-magnitudes, 422 a field of the wrong type, 503 queue full.
+serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken, 400
+malformed JSON, a too-long prompt, an adapter path not under --adapter-root, an adapter that does not fit the base
+or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API key, 413 body too large,
+422 a field of the wrong type, 503 queue full.
 
 Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
 and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA
 adapter's norm ||W0 + s·BA|| is computed once at load and cached (peft's DoraCaching: about one extra dense weight
 matrix of memory per adapted layer), not per token.
 
-POST /v1/adapters reads any folder the server process can read: keep the default loopback --host unless every
-client that can reach the port is trusted.
+Guards: with an API key (--api-key KEY or the environment variable LORA_SERVE_API_KEY; prefer the variable, a
+flag shows in `ps`) every route but /health needs `Authorization: Bearer KEY` (401 otherwise). Listening beyond
+loopback (--host 0.0.0.0) without a key is refused unless --allow-unauthenticated-remote says so. POST /v1/adapters
+loads only folders under --adapter-root (default: outputs/ beside the registry); paths are relative to it, and a
+path outside it reads exactly like a missing one. Bodies over --max-request-bytes (default 1 MiB) get 413 before
+they are parsed; prompts are tokenised off the event loop, so a long one never stalls /health or other clients.
+Unknown routes (404) and wrong methods (405) answer in the same error format.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import time
@@ -45,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
 
 from lora.errors import UserError, exit_on_user_error  # noqa: E402
+from lora.recipes import DEFAULT_REGISTRY  # noqa: E402
 from lora.serving_adapters import (  # noqa: E402
+    ADAPTER_NAME_RULE,
     AdapterConflictError,
     AdapterHost,
     BadRequestError,
@@ -54,10 +66,23 @@ from lora.serving_adapters import (  # noqa: E402
     UnknownModelError,
 )
 from lora.serving_batcher import GenerationBatcher, ServerBusyError  # noqa: E402
+from lora.serving_guards import (  # noqa: E402
+    API_KEY_ENV,
+    DEFAULT_MAX_BODY_BYTES,
+    MIN_MAX_BODY_BYTES,
+    RequestGuard,
+    check_bind_is_guarded,
+    error_response,
+    is_loopback,
+    resolve_api_key,
+    resolve_client_adapter_path,
+)
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.
+DEFAULT_ADAPTER_ROOT = DEFAULT_REGISTRY.parent / "outputs"
+ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
 _STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, ServerBusyError: 503}
 
 
@@ -103,19 +128,27 @@ class AdapterLoadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    path: str
+    path: str = Field(max_length=4096, description="a folder under the server's --adapter-root, relative to it")
 
 
-def create_app(host: AdapterHost, *, window_ms: float = 10.0, max_batch_rows: int = 16):
+def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, window_ms: float = 10.0, max_batch_rows: int = 16):
     """The FastAPI application serving `host` (its batching worker starts and stops with the app's lifespan).
 
     Args:
         host: the loaded base model with its adapters.
+        adapter_root: POST /v1/adapters loads only folders under this one.
+        api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies get 413 before they are parsed.
         window_ms: how long a batch waits for more requests before it runs.
         max_batch_rows: the most prompts one batched `generate` round takes.
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    adapter_root = Path(os.path.realpath(adapter_root))
 
     batcher = GenerationBatcher(host, window_ms=window_ms, max_batch_rows=max_batch_rows)
 
@@ -126,25 +159,42 @@ def create_app(host: AdapterHost, *, window_ms: float = 10.0, max_batch_rows: in
         await batcher.stop()
 
     app = FastAPI(title="lora-recipes adapter server", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.state.host = host
     app.state.batcher = batcher
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError):
         status = next((code for kind, code in _STATUS_BY_ERROR.items() if isinstance(error, kind)), 400)
-        return _error_response(status, str(error), type(error).__name__)
+        return error_response(status, str(error), type(error).__name__)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # Starlette's own answers (no such route, wrong method) in this server's format rather than {"detail": ...}.
+        where = f"{request.method} {request.url.path[:200]}"
+        if error.status_code == 404:
+            message = f"no route {where}. This server serves {ROUTES}."
+            if request.url.path.startswith("/v1/adapters/"):
+                message += f" Adapter names are {ADAPTER_NAME_RULE}."
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"{where}: method not allowed here (allowed: {allowed}). This server serves {ROUTES}."
+        else:
+            message = f"{where}: {error.detail}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, message, code, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = error.errors()
         if any(problem.get("type") == "json_invalid" for problem in problems):
             detail = "; ".join(str(problem.get("ctx", {}).get("error", problem.get("msg"))) for problem in problems)
-            return _error_response(400, f"the request body is not valid JSON: {detail}.", "json_invalid")
-        return _error_response(422, "; ".join(_describe_problem(problem) for problem in problems), "invalid_request")
+            return error_response(400, f"the request body is not valid JSON: {detail}.", "json_invalid")
+        return error_response(422, "; ".join(_describe_problem(problem) for problem in problems), "invalid_request")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
-        return _error_response(500, f"internal error ({type(error).__name__}: {error}).", "internal_error")
+        return error_response(500, f"internal error ({type(error).__name__}: {error}).", "internal_error")
 
     @app.get("/health")
     async def health():
@@ -156,7 +206,8 @@ def create_app(host: AdapterHost, *, window_ms: float = 10.0, max_batch_rows: in
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: AdapterLoadRequest):
-        adapter = await batcher.call_on_model_thread(host.load_adapter, body.name, body.path)
+        folder = await run_in_threadpool(resolve_client_adapter_path, adapter_root, body.path)
+        adapter = await batcher.call_on_model_thread(host.load_adapter, body.name, folder)
         return {**_adapter_card(host, adapter), "notes": list(adapter.notes)}
 
     @app.delete("/v1/adapters/{name}")
@@ -168,9 +219,11 @@ def create_app(host: AdapterHost, *, window_ms: float = 10.0, max_batch_rows: in
     async def complete(body: CompletionRequest):
         host.require_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # Off the event loop: a long prompt takes seconds to tokenise, and /health and every other client wait
+        # for the loop.
         rows = [
-            GenerationRow(body.model, host.encode_prompt(prompt, body.max_tokens), body.max_tokens,
-                          body.temperature, body.top_p)
+            GenerationRow(body.model, await run_in_threadpool(host.encode_prompt, prompt, body.max_tokens),
+                          body.max_tokens, body.temperature, body.top_p)
             for prompt in prompts
         ]
         generated = await batcher.generate(rows)
@@ -196,13 +249,6 @@ def create_app(host: AdapterHost, *, window_ms: float = 10.0, max_batch_rows: in
         }
 
     return app
-
-
-def _error_response(status: int, message: str, code: str):
-    from fastapi.responses import JSONResponse
-
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
 
 
 def _describe_problem(problem: dict) -> str:
@@ -274,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help=f"clients must send `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, else no key)")
+    parser.add_argument("--allow-unauthenticated-remote", action="store_true",
+                        help="accept a non-loopback --host without an API key (trusts every client that reaches it)")
+    parser.add_argument("--adapter-root", default=str(DEFAULT_ADAPTER_ROOT),
+                        help="POST /v1/adapters loads only folders under this one (default: outputs/ beside the "
+                        "registry)")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for company")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the most prompts per batched generate")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -290,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         raise BadRequestError(f"--adapter names must be unique; given more than once: {', '.join(duplicates)}.")
     if not args.base_model and not adapters:
         raise BadRequestError("give --base-model ID_OR_FOLDER, or at least one --adapter NAME=PATH to take it from.")
+    api_key = resolve_api_key(args.api_key, os.environ)
+    check_bind_is_guarded(args.host, api_key, args.allow_unauthenticated_remote)
+    adapter_root = Path(args.adapter_root).expanduser().resolve()
+    if args.adapter_root != str(DEFAULT_ADAPTER_ROOT) and not adapter_root.is_dir():
+        raise BadRequestError(f"--adapter-root {args.adapter_root}: the folder {adapter_root} does not exist.")
+    if args.max_request_bytes < MIN_MAX_BODY_BYTES:
+        raise BadRequestError(
+            f"--max-request-bytes {args.max_request_bytes} is too small: give at least {MIN_MAX_BODY_BYTES} "
+            f"(default {DEFAULT_MAX_BODY_BYTES})."
+        )
     _check_port_free(args.host, args.port)
 
     import torch
@@ -310,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         adapter = host.load_adapter(name, folder)
         notes = "".join(f"; note: {note}" for note in adapter.notes)
         print(f"serve: adapter {name} ({adapter.kind}) from {folder}{notes}", flush=True)
-    if args.host not in LOOPBACK_HOSTS:
-        print(f"serve: warning: listening on {args.host}: any client that reaches it can load adapters from this "
-              "machine's disk", flush=True)
-    app = create_app(host, window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_size)
+    missing = "" if adapter_root.is_dir() else " (it does not exist yet: every load is refused until it does)"
+    print(f"serve: POST /v1/adapters loads folders under {adapter_root}{missing}", flush=True)
+    if not is_loopback(args.host) and not api_key:
+        print(f"serve: warning: listening on {args.host} without an API key: any client that reaches it can "
+              f"generate and load adapters from {adapter_root}", flush=True)
+    app = create_app(host, adapter_root=adapter_root, api_key=api_key, max_body_bytes=args.max_request_bytes,
+                     window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_size)
     print(f"serve: http://{args.host}:{args.port}/v1 (models: {', '.join(host.model_names())})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -31,6 +31,7 @@ BASE_ROUTE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 MAGNITUDE_KEY = "lora_magnitude_vector"
 # peft keeps adapters in ModuleDicts, whose keys cannot contain "."; the name also travels in URLs.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ADAPTER_NAME_RULE = "1-64 letters, digits, '_' or '-' (no '.', no '/')"
 
 
 class UnknownModelError(UserError):
@@ -105,7 +106,7 @@ class AdapterHost:
         self.adapters: dict[str, ServedAdapter] = {}
         self.context_length = _context_length(model.config, tokenizer)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        # Read once here: the model thread must not touch the tokenizer while the event loop encodes with it
+        # Read once here: the model thread must not touch the tokenizer while request threads encode with it
         # (a fast tokenizer is a Rust object that raises "Already borrowed" under concurrent use).
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.device = model.device
@@ -181,7 +182,7 @@ class AdapterHost:
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
             raise BadRequestError(
-                f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-' (no '.', no '/')."
+                f"adapter name {name!r} is not allowed: use {ADAPTER_NAME_RULE}."
             )
         if name == self.base_name or name == BASE_ROUTE:
             raise AdapterConflictError(f'"{name}" is the name of the base model; choose another adapter name.')

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora.model_building import load_base_model
@@ -51,15 +51,6 @@ def _write_adapter(base_model, out_dir: Path, *, use_dora: bool, seed: int, base
               "lora_alpha": 8, "prompt_template": "plain"}
     (out_dir / "recipe.json").write_text(json.dumps(recipe))
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Two OpenMP threads on a 2-core machine shared with other test runs can be 50x slower than one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +107,9 @@ def _reference_texts(tiny_model_dir: Path, adapter_dir: Path | None, quant_bits:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters):
     """A real uvicorn server on a free 127.0.0.1 port, in a background thread; yields its base URL."""
-    app = create_app(_load_host(tiny_model_dir, adapters), window_ms=20)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert uvicorn_server.started, "the server did not start"
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=30)
-    listener.close()
+    app = create_app(_load_host(tiny_model_dir, adapters), adapter_root=adapters["lora"].parent, window_ms=20)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +329,10 @@ def test_serve_command_starts_from_any_folder_serves_and_stops(tiny_model_dir, a
                "--adapter", f"lora={adapters['lora']}", "--adapter", f"dora={adapters['dora']}",
                "--port", str(port), "--threads", "1"]
     log_path = tmp_path / "server.log"
+    key = "end-to-end-key"
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "LORA_SERVE_API_KEY": key})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -361,7 +343,8 @@ def test_serve_command_starts_from_any_folder_serves_and_stops(tiny_model_dir, a
             except httpx.TransportError:
                 time.sleep(0.5)
         assert process.poll() is None, log_path.read_text()
-        with httpx.Client(base_url=url, timeout=60) as http:
+        assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401  # the key came from the environment
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
             assert _model_ids(http) == [str(tiny_model_dir), "lora", "dora"]
             assert _texts(_complete(http, "dora")) == _reference_texts(tiny_model_dir, adapters["dora"])
     finally:
