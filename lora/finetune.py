@@ -73,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe = resolve_recipe(args.recipe, args.registry, args.overrides)
     if args.dry_run:
         print(json.dumps(recipe.to_record(), indent=2))
+        from lora.data import data_file_problem
+
         for key in ("dataset_path", "validation_path"):
-            if recipe[key] and not Path(recipe[key]).is_file():
-                print(f"note: {key} {recipe[key]} does not exist yet; a real run would stop here.", file=sys.stderr)
+            problem = data_file_problem(recipe[key]) if recipe[key] else None
+            if problem:
+                print(f"note: {key}: {problem}; a real run would stop here.", file=sys.stderr)
         from lora.memory_estimate import describe_memory  # stdout stays pure JSON; the estimate goes to stderr
 
         print(describe_memory(recipe)[0], file=sys.stderr)

@@ -265,6 +265,13 @@ def resolve_served_base(base_model: str | None, adapters: list[tuple[str, Path]]
     return read_adapter_records(adapters[0][1]).base_model, path, origin
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port number (argparse turns the error into exit code 2 naming the flag)."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; expected a whole number from 1 to 65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-model", help="hub id or model folder; default: the base recorded in the first adapter")
@@ -273,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant-bits", type=int, choices=(4, 8), default=None, help="load the base 4-bit or 8-bit")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for company")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the most prompts per batched generate")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
