@@ -59,43 +59,33 @@ def _siblings(out) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p != out)
 
 
-def _broken_copy_of(model_dir, tmp_path, *, truncate_weights=False, drop_chat_template=False):
-    copy = tmp_path / "base_copy"
-    shutil.copytree(model_dir, copy)
-    if truncate_weights:
-        weights = copy / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:-1000])
-    if drop_chat_template:
-        (copy / "chat_template.jinja").unlink()
-    return copy
+def _break_weights(copy):
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return [], [f"cannot load model weights from {copy}: {weights} is damaged",
+                "model.safetensors is truncated or corrupt"]
 
 
-def test_overwrite_that_fails_on_a_truncated_base_keeps_the_old_adapter(registry, finished_run, tiny_model_dir,
-                                                                        tmp_path, capsys):
+def _break_chat_template(copy):
+    (copy / "chat_template.jinja").unlink()  # fails after the model has loaded, when the data is tokenised
+    return ["--set", "prompt_template=chat"], ['prompt_template "chat" needs a tokenizer with a chat template']
+
+
+@pytest.mark.parametrize("break_base", [_break_weights, _break_chat_template], ids=["truncated_base", "no_template"])
+def test_overwrite_that_fails_keeps_the_old_adapter(registry, finished_run, tiny_model_dir, tmp_path, capsys,
+                                                    break_base):
     out = _copy_run(finished_run, tmp_path)
     before = _snapshot(out)
-    base = _broken_copy_of(tiny_model_dir, tmp_path, truncate_weights=True)
+    base = tmp_path / "base_copy"
+    shutil.copytree(tiny_model_dir, base)
+    extra, fragments = break_base(base)
     code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--overwrite",
-                 "--set", f"base_model={base}"])
+                 "--set", f"base_model={base}", *extra])
     assert code == 2
     error = capsys.readouterr().err
-    assert f"cannot load model weights from {base}: {base / 'model.safetensors'} is damaged" in error
-    assert "model.safetensors is truncated or corrupt" in error
+    assert all(fragment in error for fragment in fragments), error
     assert _snapshot(out) == before
     assert _siblings(out) == ["base_copy"]  # no replacement folder left behind
-
-
-def test_overwrite_that_fails_after_loading_the_model_keeps_the_old_adapter(registry, finished_run, tiny_model_dir,
-                                                                            tmp_path, capsys):
-    out = _copy_run(finished_run, tmp_path)
-    before = _snapshot(out)
-    base = _broken_copy_of(tiny_model_dir, tmp_path, drop_chat_template=True)
-    code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--overwrite",
-                 "--set", f"base_model={base}", "--set", "prompt_template=chat"])
-    assert code == 2
-    assert 'prompt_template "chat" needs a tokenizer with a chat template' in capsys.readouterr().err
-    assert _snapshot(out) == before
-    assert _siblings(out) == ["base_copy"]
 
 
 def test_overwrite_interrupted_at_the_last_moment_keeps_the_old_adapter(registry, finished_run, tmp_path,
