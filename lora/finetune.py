@@ -122,6 +122,8 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
     checkpoint, resume_note = resume_checkpoint(resume, output_dir)
+    if checkpoint and artifacts.is_finished(output_dir):
+        check_steps_left(recipe, Path(checkpoint), output_dir)
     # Every process reads the same folder state, so all agree on the plan; only the main process then acts on it.
     plan = artifacts.plan_output_dir(output_dir, overwrite=overwrite, resume=bool(resume),
                                      has_checkpoint_to_resume=checkpoint is not None)
@@ -296,6 +298,34 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> tuple[str | None,
         return None, f"--resume auto: no intact checkpoint in {checkpoints}; starting from step 0"
     return str(latest), f"--resume auto: continuing from {latest.name}" + (" (the newest intact one)" if skipped
                                                                             else "")
+
+
+def check_steps_left(recipe, checkpoint: Path, output_dir: Path) -> None:
+    """Refuse to resume a finished run from a checkpoint that already reaches the end the recipe asks for.
+
+    Resumed at its last step, the Trainer does not stop there: it trains one step past max_steps (seen with
+    transformers 5), and that adapter would replace the finished one. Continuing a finished run is for training it
+    further (a larger max_steps or num_epochs); with nothing left to train, the finished adapter stays as it is.
+
+    Raises:
+        UserError: naming the checkpoint's step, the recipe's end and the ways on.
+    """
+    from lora import artifacts
+
+    trainer_state = json.loads((checkpoint / artifacts.TRAINER_STATE_FILE).read_text())
+    if recipe["max_steps"] > 0:
+        done = trainer_state.get("global_step", 0) >= recipe["max_steps"]
+        where, end, more = f"step {trainer_state.get('global_step')}", f"max_steps {recipe['max_steps']}", "max_steps"
+    else:
+        done = trainer_state.get("epoch", 0) >= recipe["num_epochs"]
+        where, end, more = f"epoch {trainer_state.get('epoch')}", f"num_epochs {recipe['num_epochs']}", "num_epochs"
+    if done:
+        raise UserError(
+            f"recipe {recipe.name}: {output_dir} holds a finished adapter and its checkpoint {checkpoint.name} is at "
+            f"{where}, where the recipe stops ({end}): there is nothing left to train, so the finished adapter is "
+            f"kept as it is. Pass --set {more}=N with a larger N to train it further, or --overwrite to train again "
+            "from step 0."
+        )
 
 
 def score_tasks(recipe, model, tokenizer, out_dir: Path, when: str) -> dict:

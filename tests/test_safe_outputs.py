@@ -196,6 +196,23 @@ def test_resume_auto_into_a_finished_folder_without_checkpoints_is_refused(regis
     assert _snapshot(out) == before
 
 
+def test_resume_auto_of_a_finished_run_at_its_last_checkpoint_keeps_the_adapter(registry, finished_run, tmp_path,
+                                                                                capsys):
+    # The Trainer resumed at its last step trains one step past max_steps; that adapter must not replace this one.
+    out = _copy_run(finished_run, tmp_path)
+    before = _snapshot(out)
+    code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"])
+    assert code == 2
+    assert (f"recipe tiny: {out} holds a finished adapter and its checkpoint checkpoint-2 is at step 2, where the "
+            "recipe stops (max_steps 2): there is nothing left to train") in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    # Asked for more steps, the same resume continues from checkpoint-2 and trains exactly to the new end.
+    assert main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto",
+                 "--set", "max_steps=3"]) == 0
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
+
 def test_resume_path_to_a_damaged_checkpoint_names_the_file(registry, finished_run, tmp_path, capsys):
     out = _copy_run(finished_run, tmp_path)
     checkpoint = out / "checkpoints" / "checkpoint-1"
