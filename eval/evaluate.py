@@ -230,8 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     from lora.data import check_template
 
     check_template(template)
-    # Unreadable rows fail here too, before the model loads.
-    prepare_tasks(task_names, data_overrides=data_overrides, registry=args.task_registry, limit=limit, quiet=True)
+    # Unreadable rows, missing files and taken result paths fail here too, before the model loads.
+    prepared = prepare_tasks(task_names, data_overrides=data_overrides, registry=args.task_registry, limit=limit,
+                             quiet=True)
+    if not prepared:
+        raise UserError(f"nothing to score: no data here for {', '.join(task_names)} (fetch FinLoRA's test files on "
+                        "a connected machine: python data/download.py, or give a file: --data TASK=PATH; "
+                        "python eval/evaluate.py --list shows which tasks have data).")
+    base_out = None
+    if args.with_base:
+        base_out = plan["out"].with_name(plan["out"].name + "_base") if args.out else plan["adapter"] / "eval_base"
+    for folder in (plan["out"], base_out):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise UserError(f"results folder {folder} is a file; the results are a folder of <task>.json and "
+                            "<task>.predictions.jsonl files. Pass --out pointing at a folder (new or existing).")
     model, tokenizer = load_model(plan, args.quant_bits)
 
     run_info = {"model": plan["model"], "model_path": plan["path"], "model_origin": plan["origin"],
@@ -243,13 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     what = f"adapter {plan['adapter']}" if plan["adapter"] else f"base model {plan['model']}"
     bits = f"{plan['quant_bits']}-bit" if plan["quant_bits"] else "unquantised"
     print(f"\n{what} ({bits} base, prompt template {json.dumps(template)})")
-    if not results:
-        print("no task had data here; nothing was scored (see the notes above).")
-        return 0
     print(format_results(results))
     print(f"\nresults: {plan['out']}/<task>.json and <task>.predictions.jsonl")
     if args.with_base:
-        base_out = plan["out"].with_name(plan["out"].name + "_base") if args.out else plan["adapter"] / "eval_base"
         with model.disable_adapter():  # the very same quantised base, adapter layers bypassed
             base_results = evaluate_tasks(model, tokenizer, list(results), prompt_template=template, limit=limit,
                                           batch_size=args.batch_size, mode=mode, out_dir=base_out,

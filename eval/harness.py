@@ -19,7 +19,15 @@ from pathlib import Path
 
 from eval import metrics, parsing
 from eval.tasks import Task, TaskError, expand_task_names, infer_task, load_tasks, resolve_task
-from lora.data import answer_suffix, check_template, encode_answer, encode_prompt, file_sha256, load_rows
+from lora.data import (
+    answer_suffix,
+    check_template,
+    data_file_problem,
+    encode_answer,
+    encode_prompt,
+    file_sha256,
+    load_rows,
+)
 from lora.errors import DataError
 
 MODES = ("choice", "generate")
@@ -188,7 +196,8 @@ def prepare_tasks(task_names: list[str], *, data_overrides: dict[str, str] | Non
     from their rows.
 
     Raises:
-        TaskError: unknown task. DataError: malformed row (file:line) or a target the task cannot score.
+        TaskError: unknown task. DataError: a file given in `data_overrides` is missing or a folder, a malformed
+            row (file:line) or a target the task cannot score.
     """
     registry_tasks = load_tasks(registry)
     prepared = []
@@ -196,6 +205,9 @@ def prepare_tasks(task_names: list[str], *, data_overrides: dict[str, str] | Non
     for name in names:
         task = resolve_task(name, registry_tasks, data_overrides)
         path = Path(data_overrides[name]).expanduser().resolve() if task is None else task.path
+        if name in (data_overrides or {}) and data_file_problem(path):
+            # A file the user named is an error; only a registry task's optional data may be absent.
+            raise DataError(f'--data {name}={data_overrides[name]}: {data_file_problem(path)}.')
         if not path.is_file():
             if not quiet:
                 note(f'task "{name}" skipped: no data at {path} (fetch it: python data/download.py {name}, '

@@ -7,8 +7,13 @@ file that makes the folder loadable by peft) is renamed in after all the others,
 
 Checkpoints follow the same rule: the Trainer writes each one under `checkpoints/.incomplete/`, and once every
 process has written its part the folder is renamed to `checkpoints/checkpoint-<step>`. A `checkpoint-<step>`
-folder is therefore always complete; `--resume auto` still checks for `trainer_state.json` (the Trainer's last
-file) so that folders copied or written by other tools are only used when whole.
+folder is therefore always complete; `--resume auto` still checks each one before using it (every file it needs
+present, safetensors/zip/JSON files readable: `checkpoint_problem`) and falls back to the newest intact one.
+
+Replacing: `run_summary.json` is written first thing, and it is the marker of a folder this tool wrote; no other
+folder is ever written into or replaced. `--overwrite` builds the new run in a hidden sibling
+(`.<name>.overwrite`) and swaps it in only once it has finished (`move_into_place`, as merge.py publishes), so a
+run that fails leaves the previous one untouched.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora.adapter_io import move_into_place
 from lora.errors import OutputError
 
 SUMMARY_FILE = "run_summary.json"
@@ -34,16 +42,22 @@ TRAINER_STATE_FILE = "trainer_state.json"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
+def outputs_root(registry_path: Path) -> Path:
+    """The folder that holds every recipe's run folder: `outputs/` beside the registry file."""
+    return Path(registry_path).parent / "outputs"
+
+
 def default_output_dir(recipe) -> Path:
-    return recipe.registry_path.parent / "outputs" / recipe.name
+    return outputs_root(recipe.registry_path) / recipe.name
 
 
 def read_summary(output_dir: Path) -> dict | None:
     path = Path(output_dir) / SUMMARY_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return summary if isinstance(summary, dict) else None
 
 
 def is_finished(output_dir: Path) -> bool:
@@ -52,23 +66,117 @@ def is_finished(output_dir: Path) -> bool:
     return completed and (Path(output_dir) / "adapter_config.json").exists()
 
 
-def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Create the folder, or refuse to clobber a finished run / an interrupted run's checkpoints."""
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` was written by this runner: its run_summary.json (written first thing) names a recipe."""
+    summary = read_summary(folder)
+    return bool(summary) and "recipe" in summary and "status" in summary
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where a run writes, decided before anything is written.
+
+    Attributes:
+        output_dir: where the finished adapter ends up.
+        work_dir: where this run writes while it goes: `output_dir` itself, or (--overwrite over an existing run) a
+            hidden sibling that replaces `output_dir` only once the new run has finished.
+        keeps_finished_record: `output_dir` holds a finished run that --resume continues; its run_summary.json
+            stays as it is until the new final files are staged.
+    """
+
+    output_dir: Path
+    work_dir: Path
+    keeps_finished_record: bool = False
+
+    @property
+    def replaces(self) -> bool:
+        return self.work_dir != self.output_dir
+
+
+def replacement_dir(output_dir: Path) -> Path:
+    """The hidden sibling an --overwrite run is built in (a fixed name, so every process of a run agrees on it;
+    recipe names cannot start with "." so it never is another recipe's folder)."""
+    return output_dir.with_name(f".{output_dir.name}.overwrite")
+
+
+def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
+                    has_checkpoint_to_resume: bool = False) -> OutputPlan:
+    """Decide where a run writes; reads only, so every process can call it and get the same answer.
+
+    Args:
+        output_dir: the folder the adapter goes to (absolute).
+        overwrite: --overwrite: replace a previous run of this tool, once the new one has finished.
+        resume: --resume was given.
+        has_checkpoint_to_resume: --resume found an intact checkpoint to continue from.
+
+    Raises:
+        OutputError: `output_dir` is a file or a folder this tool did not write (never written into nor replaced),
+            holds a finished or an interrupted run and neither --overwrite nor --resume was asked for, or --resume
+            has nothing to continue in a finished folder.
+    """
     output_dir = Path(output_dir)
-    has_checkpoints = any((output_dir / CHECKPOINT_DIR).glob("checkpoint-*"))
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    elif is_finished(output_dir) and not resume:
+    if overwrite and resume:
+        raise OutputError("--overwrite trains again from step 0 and --resume continues a run: pass only one of them.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"the output folder {output_dir} is a file; choose another --output-dir.")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return OutputPlan(output_dir, output_dir)
+    if not is_run_folder(output_dir):
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir())
+        shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
         raise OutputError(
-            f"{output_dir} already holds a finished adapter. Pass --overwrite to replace it, "
-            f"or --output-dir DIR to write elsewhere."
+            f"{output_dir} is not a run folder of lora/finetune.py (it has no {SUMMARY_FILE} written by it; it "
+            f"holds: {shown}), so it is neither written into nor replaced. Choose another --output-dir, or empty "
+            "that folder yourself."
         )
-    elif has_checkpoints and not resume:
+    if overwrite:
+        return OutputPlan(output_dir, replacement_dir(output_dir))
+    finished = is_finished(output_dir)
+    if resume and finished and not has_checkpoint_to_resume:
+        # Refused rather than training from step 0: the user asked to continue, and a fresh run over a finished
+        # adapter is what --overwrite is for (which keeps the old adapter until the new one is complete).
+        summary = read_summary(output_dir) or {}
+        raise OutputError(
+            f"{output_dir} holds a finished adapter ({summary.get('steps', '?')} steps) and no intact checkpoint to "
+            "resume from, so --resume has nothing to continue. Pass --overwrite to train again from step 0 (the "
+            "finished adapter is replaced only when the new run has finished), or --output-dir DIR to write "
+            "elsewhere."
+        )
+    if resume:
+        return OutputPlan(output_dir, output_dir, keeps_finished_record=finished)
+    if finished:
+        raise OutputError(
+            f"{output_dir} already holds a finished adapter. Pass --overwrite to replace it (only once the new run "
+            "has finished), or --output-dir DIR to write elsewhere."
+        )
+    if any((output_dir / CHECKPOINT_DIR).glob("checkpoint-*")):
         raise OutputError(
             f"{output_dir} holds checkpoints of an interrupted run. Pass --resume auto to continue it, "
             f"or --overwrite to start again."
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    return OutputPlan(output_dir, output_dir)
+
+
+def prepare_output_dir(plan: OutputPlan) -> None:
+    """Create the folder this run writes in (main process only); a replacement left by a killed run is cleared."""
+    if plan.replaces and plan.work_dir.exists():
+        if not is_run_folder(plan.work_dir) and any(plan.work_dir.iterdir()):
+            raise OutputError(f"{plan.work_dir} is in the way of --overwrite and was not written by this tool; "
+                              "move it away.")
+        remove_tree(plan.work_dir)  # an --overwrite run killed before it finished: never swapped in
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+
+
+def finish_output_dir(plan: OutputPlan) -> None:
+    """Swap a finished replacement in for the previous run (a no-op when the run wrote in place)."""
+    if plan.replaces:
+        move_into_place(plan.work_dir, plan.output_dir)
+
+
+def abandon_output_dir(plan: OutputPlan) -> None:
+    """After a failed run: drop an unfinished replacement, so the previous run stays exactly as it was."""
+    if plan.replaces:
+        remove_tree(plan.work_dir)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -149,11 +257,76 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The complete `checkpoint-<step>` folder with the highest step, or None when there is none."""
+    return next(iter(complete_checkpoints_newest_first(checkpoint_dir)), None)
+
+
+def complete_checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        return None
+        return []
     candidates = [p for p in checkpoint_dir.iterdir() if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
-    return max(candidates, key=checkpoint_step, default=None)
+    return sorted(candidates, key=checkpoint_step, reverse=True)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a saved file cannot be read back (truncated, corrupt), or None when it reads.
+
+    Checks what can be checked without loading it all: safetensors headers against the file size (safetensors
+    refuses a file its header does not fully cover), torch pickles as the zip archives torch.save writes (their
+    CRCs), JSON by parsing. Other files are not checked.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                return f"{path.name} is corrupt (its part {damaged} fails its checksum)"
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except SafetensorError as error:
+        return f"{path.name} is truncated or corrupt ({error})"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        return f"{path.name} cannot be read ({error})"
+    return None
+
+
+# What resuming reads from a checkpoint of a single-process or DDP run (FSDP/DeepSpeed keep optimizer states in
+# their own folders instead of optimizer.pt): without optimizer.pt or scheduler.pt the Trainer silently restarts
+# them, so a resume would not continue the run it claims to.
+CHECKPOINT_REQUIRED_FILES = (TRAINER_STATE_FILE, "adapter_config.json", "adapter_model.safetensors", "scheduler.pt")
+SHARDED_OPTIMIZER_GLOBS = ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*")
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a `checkpoint-<step>` folder cannot be resumed from (a missing or unreadable file), or None."""
+    checkpoint = Path(checkpoint)
+    missing = [name for name in CHECKPOINT_REQUIRED_FILES if not (checkpoint / name).is_file()]
+    if not any(any(checkpoint.glob(pattern)) for pattern in SHARDED_OPTIMIZER_GLOBS):
+        missing.append("optimizer.pt")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        problem = file_problem(path)
+        if problem:
+            return problem
+    return None
+
+
+def newest_intact_checkpoint(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that can be resumed from, and one line for each newer one that cannot."""
+    skipped = []
+    for checkpoint in complete_checkpoints_newest_first(checkpoint_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"{checkpoint.name}: {problem}")
+    return None, skipped
 
 
 def library_versions() -> dict[str, str | None]:

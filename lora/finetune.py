@@ -73,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe = resolve_recipe(args.recipe, args.registry, args.overrides)
     if args.dry_run:
         print(json.dumps(recipe.to_record(), indent=2))
+        from lora.data import data_file_problem
+
         for key in ("dataset_path", "validation_path"):
-            if recipe[key] and not Path(recipe[key]).is_file():
-                print(f"note: {key} {recipe[key]} does not exist yet; a real run would stop here.", file=sys.stderr)
+            problem = data_file_problem(recipe[key]) if recipe[key] else None
+            if problem:
+                print(f"note: {key}: {problem}; a real run would stop here.", file=sys.stderr)
         from lora.memory_estimate import describe_memory  # stdout stays pure JSON; the estimate goes to stderr
 
         print(describe_memory(recipe)[0], file=sys.stderr)
@@ -95,20 +98,20 @@ class RunResult:
 
 
 def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str | None = None) -> RunResult:
-    """Train one resolved recipe into output_dir; returns the run summary and the trained model."""
+    """Train one resolved recipe into output_dir; returns the run summary and the trained model.
+
+    With `overwrite` over a previous run, the new run is built in a hidden sibling folder and swapped in only once
+    it has finished: a run that fails for any reason leaves the previous one exactly as it was.
+    """
     import torch
     from accelerate import PartialState
 
     from lora import artifacts
-    from lora.adapter_io import ADAPTER_WEIGHTS
-    from lora.data import build_collator, build_datasets, check_template, file_sha256, load_rows
-    from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
-                                     load_tokenizer)
+    from lora.data import check_template, load_rows
+    from lora.model_building import check_init_adapter
     from lora.model_source import resolve_model_source
-    from lora.tracking import finish_tracking, prepare_trackers
-    from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
+    from lora.tracking import prepare_trackers
 
-    started = time.perf_counter()
     # Sets up the process group under accelerate launch / torchrun. On a machine without CUDA it must be told so
     # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -116,13 +119,60 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     for key in ("dataset_path", "validation_path"):
         if recipe[key]:
             load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
-    prepare_trackers(recipe, output_dir / artifacts.CHECKPOINT_DIR)  # a tracker not installed: exit 2 now
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
-    if state.is_main_process:
-        artifacts.prepare_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
+    checkpoint, resume_note = resume_checkpoint(resume, output_dir)
+    if checkpoint and artifacts.is_finished(output_dir):
+        check_steps_left(recipe, Path(checkpoint), output_dir)
+    # Every process reads the same folder state, so all agree on the plan; only the main process then acts on it.
+    plan = artifacts.plan_output_dir(output_dir, overwrite=overwrite, resume=bool(resume),
+                                     has_checkpoint_to_resume=checkpoint is not None)
+    # A tracker not installed: exit 2 now, before any model loads. Offline logs go into the folder the run is built
+    # in (a hidden sibling under --overwrite), so they are swapped into place with the rest of the run.
+    prepare_trackers(recipe, plan.work_dir / artifacts.CHECKPOINT_DIR)
+    if resume_note:
+        milestone(resume_note)
     state.wait_for_everyone()
+    if state.is_main_process:
+        artifacts.prepare_output_dir(plan)
+    state.wait_for_everyone()
+    try:
+        return train_and_publish(recipe, source, plan, checkpoint, state)
+    except BaseException:
+        if state.is_main_process:
+            artifacts.abandon_output_dir(plan)
+        raise
+
+
+def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> RunResult:
+    """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
+    from lora import artifacts
+    from lora.adapter_io import ADAPTER_WEIGHTS
+    from lora.data import build_collator, build_datasets, file_sha256, load_rows
+    from lora.model_building import attach_adapter, build_quantization_config, load_base_model, load_tokenizer
+    from lora.tracking import finish_tracking
+    from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
+
+    started = time.perf_counter()
+    output_dir = plan.work_dir
+    summary = {
+        "status": "running",
+        "recipe": recipe.name,
+        "base_model": recipe["base_model"],
+        "model_source": source.origin,
+        "weights_from": source.provenance,
+        "dataset_sha256": file_sha256(recipe["dataset_path"]),
+        "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
+                                if recipe["init_adapter"] else None),
+        "world_size": state.num_processes,
+        "library_versions": artifacts.library_versions(),
+        "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
+    }
+    # Written first, so that the folder is known as this tool's from the start (only such a folder is ever
+    # replaced). A finished run that --resume continues keeps its record until the new final files are staged.
+    if state.is_main_process and not plan.keeps_finished_record:
+        artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
 
     milestone(f"recipe {recipe.name}: {recipe['base_model']} ({source.origin}), "
               f"{'DoRA' if recipe['use_dora'] else 'LoRA'} r={recipe['lora_r']}"
@@ -158,36 +208,25 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         trainer, history = build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset,
                                          build_collator(tokenizer, recipe["packing"]),
                                          output_dir / artifacts.CHECKPOINT_DIR)
-    summary = {
-        "status": "running",
-        "recipe": recipe.name,
-        "base_model": recipe["base_model"],
-        "model_source": source.origin,
-        "weights_from": source.provenance,
-        "dataset_sha256": file_sha256(recipe["dataset_path"]),
-        "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
-                                if recipe["init_adapter"] else None),
-        "world_size": state.num_processes,
-        "library_versions": artifacts.library_versions(),
-        "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
-    }
-    if state.is_main_process:
-        artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
     milestone(f"training: {trainer.args.max_steps if trainer.args.max_steps > 0 else recipe['num_epochs']} "
               f"{'steps' if trainer.args.max_steps > 0 else 'epoch(s)'}, "
               f"batch {recipe['batch_size']} x {recipe['gradient_accumulation_steps']} accumulation")
-    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(resume, output_dir))
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
     answer_tokens = trainer.total_answer_tokens()
 
     if history.stopped_on_non_finite_loss:
         summary.update(status="failed", reason="non-finite loss", losses=history.losses)
         finish_tracking(trainer, summary)
-        if state.is_main_process:
-            artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
+        if plan.replaces or plan.keeps_finished_record:
+            kept = f"the previous run in {plan.output_dir} is unchanged"
+        else:
+            kept = f"checkpoints in {output_dir / artifacts.CHECKPOINT_DIR} are kept"
+            if state.is_main_process:
+                artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
         raise TrainingError(
             f"recipe {recipe.name}: the loss became {history.losses[-1][1]} at step {history.losses[-1][0]}; "
-            f"training stopped and no adapter was written (checkpoints in {output_dir / artifacts.CHECKPOINT_DIR} "
-            f"are kept). Lower learning_rate (now {recipe['learning_rate']}) or check the data."
+            f"training stopped and no adapter was written ({kept}). Lower learning_rate (now "
+            f"{recipe['learning_rate']}) or check the data."
         )
 
     scores_after = score_tasks(recipe, model, tokenizer, output_dir / "eval", "after training")
@@ -218,9 +257,11 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     full_state = gathered_state_dict(trainer)  # a collective under FSDP/ZeRO-3: every process calls it
     if state.is_main_process:
         write_final_outputs(recipe, model, tokenizer, trainer, history, summary, output_dir, full_state)
+        artifacts.finish_output_dir(plan)
     state.wait_for_everyone()
     milestone(f"done in {summary['wall_time_seconds']:.0f} s: loss {summary['first_loss']:.4f} -> "
-              f"{summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s; adapter in {output_dir}")
+              f"{summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s; adapter in "
+              f"{plan.output_dir}")
     for task, after in scores_after.items():
         before = scores_before.get(task, {})
         milestone(f"eval {task}: accuracy {before.get('accuracy', float('nan')):.3f} -> {after['accuracy']:.3f} "
@@ -234,24 +275,65 @@ def portable_base_model_id(recipe, source) -> str:
     return str(named_folder) if named_folder.is_dir() else recipe["base_model"]
 
 
-def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
-    """The checkpoint folder to continue from: the latest complete one (auto) or PATH; None to start at step 0."""
+def resume_checkpoint(resume: str | None, output_dir: Path) -> tuple[str | None, str | None]:
+    """The checkpoint folder to continue from (None: step 0), and the line that tells the user so.
+
+    `auto`: the newest checkpoint of the output folder that is complete and whose files read back; each newer,
+    damaged one is skipped with a message naming its bad file. PATH: that checkpoint, which must be intact.
+
+    Raises:
+        UserError: PATH is not a complete, intact checkpoint folder.
+    """
     from lora import artifacts
 
     if not resume:
-        return None
+        return None, None
     if resume != "auto":
-        if not artifacts.is_complete_checkpoint(Path(resume)):
+        path = Path(resume).expanduser().resolve()
+        if not artifacts.is_complete_checkpoint(path):
             raise UserError(f"--resume {resume}: not a complete checkpoint folder (expected a checkpoint-<step> "
                             f"folder holding {artifacts.TRAINER_STATE_FILE}); use --resume auto for the latest one.")
-        return str(Path(resume).resolve())
-    latest = artifacts.latest_complete_checkpoint(output_dir / artifacts.CHECKPOINT_DIR)
+        problem = artifacts.checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {resume}: this checkpoint cannot be resumed from: {problem}. Use --resume "
+                            "auto to continue from the newest intact checkpoint of the output folder.")
+        return str(path), f"--resume: continuing from {path}"
+    checkpoints = output_dir / artifacts.CHECKPOINT_DIR
+    latest, skipped = artifacts.newest_intact_checkpoint(checkpoints)
+    for line in skipped:
+        milestone(f"--resume auto: skipping damaged {line}")
     if latest is None:
-        milestone(f"--resume auto: no complete checkpoint in {output_dir / artifacts.CHECKPOINT_DIR}; "
-                  f"starting from step 0")
-        return None
-    milestone(f"--resume auto: continuing from {latest.name}")
-    return str(latest)
+        return None, f"--resume auto: no intact checkpoint in {checkpoints}; starting from step 0"
+    return str(latest), f"--resume auto: continuing from {latest.name}" + (" (the newest intact one)" if skipped
+                                                                            else "")
+
+
+def check_steps_left(recipe, checkpoint: Path, output_dir: Path) -> None:
+    """Refuse to resume a finished run from a checkpoint that already reaches the end the recipe asks for.
+
+    Resumed at its last step, the Trainer does not stop there: it trains one step past max_steps (seen with
+    transformers 5), and that adapter would replace the finished one. Continuing a finished run is for training it
+    further (a larger max_steps or num_epochs); with nothing left to train, the finished adapter stays as it is.
+
+    Raises:
+        UserError: naming the checkpoint's step, the recipe's end and the ways on.
+    """
+    from lora import artifacts
+
+    trainer_state = json.loads((checkpoint / artifacts.TRAINER_STATE_FILE).read_text())
+    if recipe["max_steps"] > 0:
+        done = trainer_state.get("global_step", 0) >= recipe["max_steps"]
+        where, end, more = f"step {trainer_state.get('global_step')}", f"max_steps {recipe['max_steps']}", "max_steps"
+    else:
+        done = trainer_state.get("epoch", 0) >= recipe["num_epochs"]
+        where, end, more = f"epoch {trainer_state.get('epoch')}", f"num_epochs {recipe['num_epochs']}", "num_epochs"
+    if done:
+        raise UserError(
+            f"recipe {recipe.name}: {output_dir} holds a finished adapter and its checkpoint {checkpoint.name} is at "
+            f"{where}, where the recipe stops ({end}): there is nothing left to train, so the finished adapter is "
+            f"kept as it is. Pass --set {more}=N with a larger N to train it further, or --overwrite to train again "
+            "from step 0."
+        )
 
 
 def score_tasks(recipe, model, tokenizer, out_dir: Path, when: str) -> dict:
@@ -287,6 +369,9 @@ def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dic
     artifacts.plot_loss_curve(history.losses, history.eval_losses, staging / artifacts.LOSS_CURVE_FILE,
                               f"{recipe.name} ({recipe['base_model']})")
     write_model_card(staging / "README.md", recipe, summary, model.peft_config["default"].base_model_name_or_path)
+    # The replacement is complete: from here the folder's files are being replaced, so its record stops saying
+    # "completed" (a finished run continued by --resume kept that record until now).
+    artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, {**summary, "status": "running"})
     artifacts.publish_folder(staging, output_dir, last="adapter_config.json")
     artifacts.write_json_atomic(output_dir / artifacts.SUMMARY_FILE, summary)
 

@@ -87,6 +87,7 @@ def load_base_model(
         quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     elif quantization_config is None and quant_bits == 8:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    check_weight_files(model_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
@@ -99,6 +100,26 @@ def load_base_model(
         raise ModelSourceError(f"cannot load model weights from {model_path}: {error}") from None
     lora.bnb_cpu_fixes.disable_cpu_weight_repacking(model)
     return model
+
+
+def check_weight_files(model_path: str) -> None:
+    """Raise when a safetensors weights file of a local model folder is truncated or corrupt (read from its header,
+    before minutes of loading; the loader itself would fail with a bare library error that names no file).
+
+    Raises:
+        ModelSourceError: naming the file and how to get a whole copy.
+    """
+    from lora.artifacts import file_problem
+
+    folder = Path(model_path)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        problem = file_problem(path)
+        if problem:
+            raise ModelSourceError(
+                f"cannot load model weights from {model_path}: {path} is damaged: {problem}. Copy or download the "
+                "model again (a model converted by this project: delete the folder and run python "
+                "lora/model_source.py MODEL_ID)."
+            )
 
 
 def find_linear_module_names(model) -> list[str]:
@@ -197,8 +218,13 @@ def check_init_adapter(recipe, base_model_id: str) -> None:
     """Fail before any model loads unless `init_adapter` is a complete peft LoRA/DoRA adapter trained on this base
     with this recipe's rank, alpha, DoRA and rsLoRA settings (a mismatch would load, or fail, far from its cause).
     A DoRA export normalised for an inference runtime is refused like every other tool refuses it."""
-    from lora.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, read_adapter_records,
-                                 refuse_if_normalised)
+    from lora.adapter_io import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        AdapterError,
+        read_adapter_records,
+        refuse_if_normalised,
+    )
 
     folder = Path(recipe["init_adapter"])
     where = f'recipe "{recipe.name}": field "init_adapter" ({folder})'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ EIGHT_BIT_FIELDS = ("llm_int8_threshold",)
 GRPO_FIELDS = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
                "temperature", "reward_tolerance")
 SFT_ONLY_FIELDS = ("validation_path", "validation_split", "eval_steps", "packing")
+# A recipe name becomes a folder name (outputs/<recipe>/): letters, digits, "_" and "-", with "." only inside,
+# so that no name is a path ("/", "..", an absolute path) nor a hidden folder (the runner's own temporary ones).
+RECIPE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]([A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
+MAX_RECIPE_NAME_LENGTH = 128
 
 
 def load_schema() -> dict:
@@ -78,7 +83,25 @@ def read_registry(path: Path | str | None = None) -> tuple[Path, dict[str, dict]
         ) from None
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise RecipeError(f"registry {registry_path} must be a JSON object mapping recipe names to objects.")
+    for name in raw:
+        check_recipe_name(name, registry_path)
     return registry_path, raw
+
+
+def check_recipe_name(name: str, registry_path: Path) -> None:
+    """Raise unless `name` is a plain name that can only ever mean the folder outputs/<name>/.
+
+    Raises:
+        RecipeError: naming the recipe, the rule and the nearest plain name.
+    """
+    if len(name) <= MAX_RECIPE_NAME_LENGTH and RECIPE_NAME_PATTERN.fullmatch(name):
+        return
+    nearest = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")[:MAX_RECIPE_NAME_LENGTH] or "my_recipe"
+    raise RecipeError(
+        f"registry {registry_path}: recipe name {json.dumps(name)} is not a plain name (its adapter is written to "
+        f"outputs/<name>/): use letters, digits, \"_\" and \"-\", with \".\" only inside, at most "
+        f"{MAX_RECIPE_NAME_LENGTH} characters; nearest: {json.dumps(nearest)}."
+    )
 
 
 def runnable_names(raw_registry: dict[str, dict]) -> list[str]:

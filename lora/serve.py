@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
 
+from lora.artifacts import outputs_root  # noqa: E402
 from lora.errors import UserError, exit_on_user_error  # noqa: E402
 from lora.recipes import DEFAULT_REGISTRY  # noqa: E402
 from lora.serving_adapters import (  # noqa: E402
@@ -81,7 +82,7 @@ from lora.serving_guards import (  # noqa: E402
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4
 # The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.
-DEFAULT_ADAPTER_ROOT = DEFAULT_REGISTRY.parent / "outputs"
+DEFAULT_ADAPTER_ROOT = outputs_root(DEFAULT_REGISTRY)
 ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
 _STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, ServerBusyError: 503}
 
@@ -311,6 +312,13 @@ def resolve_served_base(base_model: str | None, adapters: list[tuple[str, Path]]
     return read_adapter_records(adapters[0][1]).base_model, path, origin
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port number (argparse turns the error into exit code 2 naming the flag)."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; expected a whole number from 1 to 65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-model", help="hub id or model folder; default: the base recorded in the first adapter")
@@ -319,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant-bits", type=int, choices=(4, 8), default=None, help="load the base 4-bit or 8-bit")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     parser.add_argument("--api-key", default=None,
                         help=f"clients must send `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, else no key)")
     parser.add_argument("--allow-unauthenticated-remote", action="store_true",

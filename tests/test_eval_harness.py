@@ -74,7 +74,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dir, tok
     assert single[0] == expected
 
 
-def test_evaluate_tasks_on_a_peft_model_in_train_mode(tiny_model_dir, tokenizer, tmp_path, capsys):
+def test_evaluate_tasks_on_a_peft_model_in_train_mode(tiny_model_dir, tokenizer, tmp_path, capsys, repo_root):
     """What the runner does: score right after attaching the identity adapter, with the model in train mode."""
     sentiment = write_jsonl(tmp_path / "sentiment.jsonl", sentiment_rows(10))
     numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"context": f"{i} plus 1 is\nAnswer: ", "target": str(i + 1)}
@@ -84,10 +84,16 @@ def test_evaluate_tasks_on_a_peft_model_in_train_mode(tiny_model_dir, tokenizer,
                                  data_overrides={"sentiment": str(sentiment)}, out_dir=tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     model.train()
+    # A registry task whose (optional) data is absent is skipped with a note; a file named in data_overrides must
+    # exist (tests/test_promised_exit_2.py).
+    tasks = json.loads((repo_root / "eval/tasks.json").read_text())
+    tasks["tasks"]["calc"]["path"] = str(tmp_path / "absent.jsonl")
+    task_registry = tmp_path / "tasks.json"
+    task_registry.write_text(json.dumps(tasks))
     results = evaluate_tasks(
         model, tokenizer, ["sentiment", "calc", "sums"], prompt_template="plain", limit=8, batch_size=4,
-        out_dir=tmp_path / "eval", progress=False,
-        data_overrides={"sentiment": str(sentiment), "calc": str(tmp_path / "absent.jsonl"), "sums": str(numbers)},
+        out_dir=tmp_path / "eval", progress=False, registry=task_registry,
+        data_overrides={"sentiment": str(sentiment), "sums": str(numbers)},
     )
     assert model.training and all(m.training for m in model.modules())  # every module back in train mode
     assert 'task "calc" skipped: no data at' in capsys.readouterr().err

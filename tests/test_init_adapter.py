@@ -74,7 +74,8 @@ def start_adapter(registry):
 
 def adapter_tensors(model, adapter: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's tensors, keyed as adapter_model.safetensors keys them (peft's own mapping)."""
-    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
 def test_recipe_loads_every_weight_of_the_adapter_exactly(registry, start_adapter):

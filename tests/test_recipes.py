@@ -76,7 +76,7 @@ def test_finlora_recipe_dry_runs_from_another_folder(tmp_path):
     printed = json.loads(result.stdout)
     assert printed["base_model"] == "meta-llama/Llama-3.1-8B-Instruct" and printed["use_dora"] is True
     assert printed["dataset_path"] == str((tmp_path / "data/train/finlora_sentiment_train.jsonl").resolve())
-    assert "does not exist yet" in result.stderr  # dry run names the missing file but loads nothing
+    assert "does not exist" in result.stderr and "a real run would stop here" in result.stderr  # loads nothing
 
 
 def test_extends_chain_and_override_precedence(tmp_path):

@@ -1,0 +1,240 @@
+"""Nothing lost, nothing written outside the output folder: --overwrite builds beside and swaps at the end, only over
+a folder the runner wrote; recipe names are plain names; --resume checks checkpoints and keeps a finished record.
+
+Each test runs the real entry point (lora/finetune.py's main, or eval/evaluate.py's) on the tiny local Llama and
+checks the exit code, the message and that the previous adapter's files are byte-identical."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from lora import artifacts
+from lora.finetune import main, run_recipe
+from lora.recipes import resolve_recipe
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("registry")
+    recipes = {
+        # 2 steps, a checkpoint after each: a finished run keeps checkpoint-1 and checkpoint-2.
+        "tiny": {
+            "base_model": str(tiny_model_dir),
+            "dataset_path": str(REPO_ROOT / "data/train/sentiment_train.jsonl"),
+            "quant_bits": None, "max_train_examples": 16, "max_steps": 2, "batch_size": 4, "learning_rate": 0.01,
+            "lr_scheduler_type": "constant", "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+            "logging_steps": 1, "max_seq_length": 64, "save_steps": 1,
+        },
+    }
+    path = folder / "finetune_configs.json"
+    path.write_text(json.dumps(recipes, indent=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(registry, tmp_path_factory):
+    """A finished run folder, trained once per module; tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("finished") / "tiny"
+    assert main(["tiny", "--registry", str(registry), "--output-dir", str(out)]) == 0
+    return out
+
+
+def _copy_run(finished_run, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _siblings(out) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p != out)
+
+
+def _break_weights(copy):
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return [], [f"cannot load model weights from {copy}: {weights} is damaged",
+                "model.safetensors is truncated or corrupt"]
+
+
+def _break_chat_template(copy):
+    (copy / "chat_template.jinja").unlink()  # fails after the model has loaded, when the data is tokenised
+    return ["--set", "prompt_template=chat"], ['prompt_template "chat" needs a tokenizer with a chat template']
+
+
+@pytest.mark.parametrize("break_base", [_break_weights, _break_chat_template], ids=["truncated_base", "no_template"])
+def test_overwrite_that_fails_keeps_the_old_adapter(registry, finished_run, tiny_model_dir, tmp_path, capsys,
+                                                    break_base):
+    out = _copy_run(finished_run, tmp_path)
+    before = _snapshot(out)
+    base = tmp_path / "base_copy"
+    shutil.copytree(tiny_model_dir, base)
+    extra, fragments = break_base(base)
+    code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--overwrite",
+                 "--set", f"base_model={base}", *extra])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert all(fragment in error for fragment in fragments), error
+    assert _snapshot(out) == before
+    assert _siblings(out) == ["base_copy"]  # no replacement folder left behind
+
+
+def test_overwrite_interrupted_at_the_last_moment_keeps_the_old_adapter(registry, finished_run, tmp_path,
+                                                                        monkeypatch):
+    import lora.model_card
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill while the new final files are being staged
+
+    out = _copy_run(finished_run, tmp_path)
+    before = _snapshot(out)
+    monkeypatch.setattr(lora.model_card, "write_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True)
+    assert _snapshot(out) == before and _siblings(out) == []
+    monkeypatch.undo()
+
+    # The same overwrite, left to finish: the new adapter replaces the old one, and nothing else is left beside it.
+    run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True)
+    assert (out / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+    assert json.loads((out / "run_summary.json").read_text())["status"] == "completed"
+    assert _siblings(out) == []
+
+
+def test_overwrite_refuses_a_folder_the_runner_did_not_write(registry, tmp_path, capsys):
+    out = tmp_path / "my_files"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    for extra in (["--overwrite"], []):
+        code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), *extra])
+        assert code == 2
+        error = capsys.readouterr().err
+        assert f"{out} is not a run folder of lora/finetune.py" in error
+        assert "it holds: data/, notes.txt), so it is neither written into nor replaced" in error
+    assert _snapshot(out) == {"notes.txt": b"mine"} and (out / "data").is_dir()
+
+
+@pytest.mark.parametrize("bad_name", ["../../x", "/tmp/abs", ".", "..", "a/b", ".hidden", "trailing.", "a\\b", ""])
+def test_recipe_names_must_be_plain_names(tmp_path, capsys, bad_name):
+    registry = tmp_path / "finetune_configs.json"
+    recipe = {"base_model": "some/model", "dataset_path": "d.jsonl"}
+    registry.write_text(json.dumps({"fine.name-1_x": recipe, bad_name: recipe}))
+    message = f"registry {registry}: recipe name {json.dumps(bad_name)} is not a plain name"
+    named = bad_name or "fine.name-1_x"  # the command line cannot name "" itself; the registry is refused anyway
+    for command in (["--list"], ["fine.name-1_x", "--dry-run"], [named, "--overwrite"]):
+        assert main([*command, "--registry", str(registry)]) == 2
+        assert message in capsys.readouterr().err
+    from eval.evaluate import main as evaluate
+
+    assert evaluate(["--recipe", named, "--registry", str(registry)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune_configs.json"]  # nothing written anywhere
+
+
+def test_plain_names_with_dots_inside_are_accepted(tmp_path):
+    registry = tmp_path / "finetune_configs.json"
+    registry.write_text(json.dumps({"smollm2.v1-r8_dora": {"base_model": "some/model", "dataset_path": "d.jsonl"}}))
+    assert artifacts.default_output_dir(resolve_recipe("smollm2.v1-r8_dora", registry)) == (
+        tmp_path / "outputs" / "smollm2.v1-r8_dora")
+
+
+def test_resume_auto_skips_a_truncated_checkpoint_and_keeps_the_record_until_replaced(registry, finished_run,
+                                                                                       tmp_path, capsys, monkeypatch):
+    import lora.model_card
+
+    out = _copy_run(finished_run, tmp_path)
+    damaged = out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    record = (out / "run_summary.json").read_bytes()
+    capsys.readouterr()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # A crash of the resumed run before its replacement is staged leaves the finished record as it was.
+    monkeypatch.setattr(lora.model_card, "write_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"])
+    assert (out / "run_summary.json").read_bytes() == record
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert ("--resume auto: skipping damaged checkpoint-2: adapter_model.safetensors is truncated or corrupt"
+            in printed)
+    assert "--resume auto: continuing from checkpoint-1 (the newest intact one)" in printed
+
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # the crashed run rewrote checkpoint-2: damage it again
+    assert main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"]) == 0
+    assert "continuing from checkpoint-1 (the newest intact one)" in capsys.readouterr().out
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    # Resumed from step 1 with the restored optimizer, scheduler and RNG: the very adapter of the uninterrupted run.
+    resumed, original = load_file(out / "adapter_model.safetensors"), load_file(
+        finished_run / "adapter_model.safetensors")
+    assert resumed.keys() == original.keys()
+    assert all(torch.equal(resumed[name], original[name]) for name in original)
+
+
+def test_resume_auto_into_a_finished_folder_without_checkpoints_is_refused(registry, finished_run, tmp_path, capsys):
+    out = _copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    before = _snapshot(out)
+    code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert (f"{out} holds a finished adapter (2 steps) and no intact checkpoint to resume from, so --resume has "
+            "nothing to continue. Pass --overwrite to train again from step 0") in error
+    assert _snapshot(out) == before
+
+
+def test_resume_auto_of_a_finished_run_at_its_last_checkpoint_keeps_the_adapter(registry, finished_run, tmp_path,
+                                                                                capsys):
+    # The Trainer resumed at its last step trains one step past max_steps; that adapter must not replace this one.
+    out = _copy_run(finished_run, tmp_path)
+    before = _snapshot(out)
+    code = main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"])
+    assert code == 2
+    assert (f"recipe tiny: {out} holds a finished adapter and its checkpoint checkpoint-2 is at step 2, where the "
+            "recipe stops (max_steps 2): there is nothing left to train") in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    # Asked for more steps, the same resume continues from checkpoint-2 and trains exactly to the new end.
+    assert main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto",
+                 "--set", "max_steps=3"]) == 0
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
+
+def test_resume_path_to_a_damaged_checkpoint_names_the_file(registry, finished_run, tmp_path, capsys):
+    out = _copy_run(finished_run, tmp_path)
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    before = _snapshot(out)
+    code = main(["tiny", "--registry", str(registry), "--output-dir", str(tmp_path / "new"), "--resume",
+                 str(checkpoint)])
+    assert code == 2
+    assert (f"--resume {checkpoint}: this checkpoint cannot be resumed from: optimizer.pt cannot be read"
+            in capsys.readouterr().err)
+    assert _snapshot(out) == before and not (tmp_path / "new").exists()
+
+
+def test_checkpoint_problem_names_missing_and_unreadable_files(finished_run, tmp_path):
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(finished_run / "checkpoints" / "checkpoint-1", checkpoint)
+    assert artifacts.checkpoint_problem(checkpoint) is None
+    (checkpoint / "scheduler.pt").unlink()
+    (checkpoint / "optimizer.pt").unlink()
+    assert artifacts.checkpoint_problem(checkpoint) == "missing scheduler.pt, optimizer.pt"
+    shutil.copy2(finished_run / "checkpoints" / "checkpoint-1" / "scheduler.pt", checkpoint)
+    shutil.copy2(finished_run / "checkpoints" / "checkpoint-1" / "optimizer.pt", checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 1')
+    assert artifacts.checkpoint_problem(checkpoint).startswith("trainer_state.json cannot be read")
