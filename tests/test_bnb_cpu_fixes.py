@@ -78,9 +78,7 @@ def test_4bit_repacking_defect_is_real_without_the_neutraliser(tiny_model_dir):
     """
     input_ids = torch.randint(2, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     fresh = _train_step_grads(_dora_model(tiny_model_dir, FOUR_BIT), input_ids, eval_forward_first=False)
-    repacked = _train_step_grads(
-        _dora_model(tiny_model_dir, FOUR_BIT, repack=True), input_ids, eval_forward_first=True
-    )
+    repacked = _train_step_grads(_dora_model(tiny_model_dir, FOUR_BIT, repack=True), input_ids, eval_forward_first=True)
     assert repacked.keys() <= fresh.keys() and fresh
     missing = sorted(fresh.keys() - repacked.keys())
     present = {key: repacked[key] for key in fresh.keys() & repacked.keys()}
