@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonschema
 
+from lora.compute_dtype import resolve_auto_dtypes
 from lora.errors import RecipeError, closest, did_you_mean
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ class Recipe:
     registry_path: Path
     overrides: dict[str, Any] = field(default_factory=dict)
     spellings: dict[str, str] = field(default_factory=dict)  # our field name -> the FinLoRA alias the user wrote
+    auto_dtypes: dict[str, dict[str, str]] = field(default_factory=dict)  # "auto" fields: value chosen and why
 
     def field_name(self, key: str) -> str:
         """The field as the user wrote it (`peft_use_dora` for use_dora when the recipe used FinLoRA's alias)."""
@@ -67,7 +69,8 @@ class Recipe:
 
     def to_record(self) -> dict[str, Any]:
         """The JSON written to recipe.json: the resolved fields plus where they came from."""
-        return {"name": self.name, "registry": str(self.registry_path), "overrides": self.overrides, **self.fields}
+        return {"name": self.name, "registry": str(self.registry_path), "overrides": self.overrides,
+                "auto_dtypes": self.auto_dtypes, **self.fields}
 
 
 def read_registry(path: Path | str | None = None) -> tuple[Path, dict[str, dict]]:
@@ -312,11 +315,12 @@ def resolve_recipe(
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise RecipeError(f'recipe "{name}" in {registry_path} has {len(problems)} problem(s):\n{listing}')
     _normalise(resolved, given)
+    auto_dtypes = resolve_auto_dtypes(resolved)
     for key in PATH_FIELDS:
         if resolved.get(key):
             resolved[key] = str((registry_path.parent / Path(resolved[key]).expanduser()).resolve())
     return Recipe(name=name, fields=resolved, registry_path=registry_path, overrides=override_values,
-                  spellings=spellings)
+                  spellings=spellings, auto_dtypes=auto_dtypes)
 
 
 def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:
