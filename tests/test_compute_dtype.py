@@ -79,7 +79,8 @@ def test_shipped_default_recipe_uses_auto_and_dry_run_says_so():
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     name, reason = choose_dtype()
-    assert printed["bnb_4bit_compute_dtype"] == name and printed["auto_dtypes"]["bnb_4bit_compute_dtype"]["from"] == "auto"
+    assert printed["bnb_4bit_compute_dtype"] == name
+    assert printed["auto_dtypes"]["bnb_4bit_compute_dtype"]["from"] == "auto"
     assert f'bnb_4bit_compute_dtype "auto" -> {name} ({reason})' in result.stderr
 
 
