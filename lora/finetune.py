@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {key}: {problem}; a real run would stop here.", file=sys.stderr)
         from lora.memory_estimate import describe_memory  # stdout stays pure JSON; the estimate goes to stderr
 
+        for note in recipe_notes(recipe):
+            print(f"note: {note}", file=sys.stderr)
         print(describe_memory(recipe)[0], file=sys.stderr)
         return 0
     from lora.artifacts import default_output_dir
@@ -88,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir).resolve() if args.output_dir else default_output_dir(recipe)
     run_recipe(recipe, output_dir, overwrite=args.overwrite, resume=args.resume)
     return 0
+
+
+def recipe_notes(recipe) -> list[str]:
+    """What a recipe's settings resolve to or cost, said by --dry-run and at the start of a run."""
+    notes = [f'{key} "auto" -> {choice["value"]} ({choice["reason"]})' for key, choice in recipe.auto_dtypes.items()
+             if key != "bnb_4bit_compute_dtype" or recipe["quant_bits"] == 4]
+    if recipe["use_dora"] and recipe["lora_dropout"] > 0:
+        notes.append(f"lora_dropout {recipe['lora_dropout']} with DoRA runs every adapted layer's base GEMM a second "
+                     "time on the dropped-out input (DoRA's exact math needs base(dropout(x))), in forward and in "
+                     "backward: measured 2.6x the step time of lora_dropout 0 on SmolLM2-135M 4-bit, with more "
+                     "memory. Set lora_dropout 0 (--set lora_dropout=0) to avoid it.")
+    return notes
 
 
 @dataclass
@@ -166,6 +180,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
+        "auto_dtypes": recipe.auto_dtypes,
         "library_versions": artifacts.library_versions(),
         "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
     }
@@ -179,6 +194,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
               f"{' from ' + recipe['init_adapter'] if recipe['init_adapter'] else ''}, "
               f"{str(recipe['quant_bits']) + '-bit' if recipe.quantised else recipe['dtype']} base, "
               f"{state.num_processes} process(es)")
+    for note in recipe_notes(recipe):
+        milestone(f"note: {note}")
     tokenizer = load_tokenizer(source.path, trust_remote_code=recipe["trust_remote_code"])
     model = load_base_model(
         source.path,

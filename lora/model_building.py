@@ -245,8 +245,8 @@ def check_init_adapter(recipe, base_model_id: str) -> None:
     if config.get("peft_type") != "LORA":
         raise RecipeError(f"{where} holds a {config.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
                           f"continued (lora/convert_adapter.py imports other formats as peft LoRA).")
-    problems = [f'"{field}" is {recipe[field]!r} but the adapter has {key}={config.get(key)!r} '
-                f'(set "{field}": {json.dumps(config.get(key))})'
+    problems = [f'"{recipe.field_name(field)}" is {recipe[field]!r} but the adapter has {key}={config.get(key)!r} '
+                f'(set "{recipe.field_name(field)}": {json.dumps(config.get(key))})'
                 for key, field in INIT_ADAPTER_FIELDS.items() if config.get(key, False) != recipe[field]]
     if records.base_model and records.base_model != base_model_id:
         problems.append(f'"base_model" is {base_model_id!r} but the adapter was trained on {records.base_model!r} '

@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 
+from lora.compute_dtype import resolve_auto_dtypes
 from lora.errors import RecipeError, closest, did_you_mean
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,12 @@ class Recipe:
     fields: dict[str, Any]
     registry_path: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    spellings: dict[str, str] = field(default_factory=dict)  # our field name -> the FinLoRA alias the user wrote
+    auto_dtypes: dict[str, dict[str, str]] = field(default_factory=dict)  # "auto" fields: value chosen and why
+
+    def field_name(self, key: str) -> str:
+        """The field as the user wrote it (`peft_use_dora` for use_dora when the recipe used FinLoRA's alias)."""
+        return self.spellings.get(key, key)
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -67,7 +74,8 @@ class Recipe:
 
     def to_record(self) -> dict[str, Any]:
         """The JSON written to recipe.json: the resolved fields plus where they came from."""
-        return {"name": self.name, "registry": str(self.registry_path), "overrides": self.overrides, **self.fields}
+        return {"name": self.name, "registry": str(self.registry_path), "overrides": self.overrides,
+                "auto_dtypes": self.auto_dtypes, **self.fields}
 
 
 def read_registry(path: Path | str | None = None) -> tuple[Path, dict[str, dict]]:
@@ -108,18 +116,27 @@ def runnable_names(raw_registry: dict[str, dict]) -> list[str]:
     return [name for name in raw_registry if not name.startswith("_")]
 
 
-def _rename_aliases(fields: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+def _rename_aliases(fields: dict[str, Any], problems: list[str], spellings: dict[str, str]) -> dict[str, Any]:
+    """FinLoRA's field names -> ours. `spellings` records, per renamed field, the name the user wrote, so that
+    messages can name `peft_use_dora` rather than a `use_dora` the user never typed; a later layer (a more
+    specific recipe, an override) that uses our own name takes the spelling back."""
     renamed = {}
     for key, value in fields.items():
         target = ALIASES.get(key, key)
         if target != key and target in fields:
             problems.append(f'field "{key}" is FinLoRA\'s name for "{target}": give only one of them')
             continue
+        if target != key:
+            spellings[target] = key
+        else:
+            spellings.pop(key, None)
         renamed[target] = value
     return renamed
 
 
-def _recipe_layers(name: str, raw_registry: dict[str, dict], problems: list[str]) -> list[dict[str, Any]]:
+def _recipe_layers(
+    name: str, raw_registry: dict[str, dict], problems: list[str], spellings: dict[str, str]
+) -> list[dict[str, Any]]:
     """The recipe and its `extends` chain as field layers, most general first (aliases renamed in each)."""
     chain, current = [], name
     while current is not None:
@@ -134,7 +151,7 @@ def _recipe_layers(name: str, raw_registry: dict[str, dict], problems: list[str]
         chain.append(current)
         parent = raw_registry[current].get("extends")
         current = parent if isinstance(parent, str) else None
-    layers = [_rename_aliases(copy.deepcopy(raw_registry[link]), problems) for link in reversed(chain)]
+    layers = [_rename_aliases(copy.deepcopy(raw_registry[link]), problems, spellings) for link in reversed(chain)]
     for layer in layers[:-1]:
         layer.pop("extends", None)  # only the recipe's own `extends` is kept in the record
     return layers
@@ -150,15 +167,16 @@ def _fields_set_with_quant_bits(layers: list[dict[str, Any]]) -> set[str]:
     return set().union(*layers[start:]) if layers else set()
 
 
-def _describe_schema_error(error: jsonschema.ValidationError, schema: dict) -> str:
+def _describe_schema_error(error: jsonschema.ValidationError, schema: dict, spellings: dict[str, str]) -> str:
     # A value of the right shape for one branch of a oneOf (e.g. a misspelt name for report_to) is best described
     # by that branch's own complaint, which carries the allowed names and the nearest one.
     if error.validator == "oneOf" and error.context:
         mistyped = {sub.relative_schema_path[0] for sub in error.context if sub.validator == "type"}
         shaped = [sub for sub in error.context if sub.relative_schema_path[0] not in mistyped]
         if shaped:
-            return _describe_schema_error(max(shaped, key=lambda sub: len(sub.absolute_path)), schema)
-    location = ".".join(str(part) for part in error.absolute_path)
+            return _describe_schema_error(max(shaped, key=lambda sub: len(sub.absolute_path)), schema, spellings)
+    path = [str(part) for part in error.absolute_path]
+    location = ".".join([spellings.get(path[0], path[0]), *path[1:]] if path else [])
     if error.validator == "additionalProperties":
         known = list(schema["properties"]) + list(ALIASES)
         unknown = sorted(set(error.instance) - set(schema["properties"]))
@@ -193,7 +211,9 @@ def _nearest_allowed(value: Any, allowed: list[Any]) -> Any:
     return next((v for v in allowed if str(v) == match), None)
 
 
-def _cross_field_problems(fields: dict[str, Any], given: set[str], quant_layer_fields: set[str]) -> list[str]:
+def _cross_field_problems(
+    fields: dict[str, Any], given: set[str], quant_layer_fields: set[str], spellings: dict[str, str]
+) -> list[str]:
     """Checks one field's schema cannot express; `given` = fields the user set (not defaults)."""
     problems = []
     bits = fields.get("quant_bits")
@@ -209,7 +229,8 @@ def _cross_field_problems(fields: dict[str, Any], given: set[str], quant_layer_f
     if fields.get("eval_steps") and not has_validation:
         problems.append('field "eval_steps" needs a validation set (validation_path or validation_split)')
     if "fast_dora" in given and fields.get("fast_dora") and not fields.get("use_dora"):
-        problems.append('field "fast_dora" only applies to DoRA recipes (set use_dora true, or drop fast_dora)')
+        problems.append(f'field "fast_dora" only applies to DoRA recipes (set {spellings.get("use_dora", "use_dora")} '
+                        "true, or drop fast_dora)")
     known_tasks = _known_eval_tasks()
     for task in fields.get("eval_tasks") or []:
         if isinstance(task, str) and known_tasks and task not in known_tasks:
@@ -306,27 +327,31 @@ def resolve_recipe(
             f"Known recipes: {', '.join(names) or '(none)'}. `python lora/finetune.py --list` shows them."
         )
     problems: list[str] = []
+    spellings: dict[str, str] = {}
     override_values = dict(parse_override(item) for item in overrides or [])
-    layers = _recipe_layers(name, raw_registry, problems) + [_rename_aliases(override_values, problems)]
+    layers = _recipe_layers(name, raw_registry, problems, spellings)
+    layers.append(_rename_aliases(override_values, problems, spellings))
     fields = {key: value for layer in layers for key, value in layer.items()}
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
     for error in sorted(validator.iter_errors(fields), key=lambda e: [str(p) for p in e.absolute_path]):
-        problems.append(_describe_schema_error(error, schema))
+        problems.append(_describe_schema_error(error, schema, spellings))
     given = set(fields)
     resolved = {key: copy.deepcopy(spec.get("default")) for key, spec in schema["properties"].items()}
     resolved.pop("extends")
     resolved.update(fields)
-    problems.extend(_cross_field_problems(resolved, given, _fields_set_with_quant_bits(layers)))
+    problems.extend(_cross_field_problems(resolved, given, _fields_set_with_quant_bits(layers), spellings))
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise RecipeError(f'recipe "{name}" in {registry_path} has {len(problems)} problem(s):\n{listing}')
     _normalise(resolved, given)
     resolved["run_name"] = resolved["run_name"] or name  # trackers name the run after the recipe by default
+    auto_dtypes = resolve_auto_dtypes(resolved)
     for key in PATH_FIELDS:
         if resolved.get(key):
             resolved[key] = str((registry_path.parent / Path(resolved[key]).expanduser()).resolve())
-    return Recipe(name=name, fields=resolved, registry_path=registry_path, overrides=override_values)
+    return Recipe(name=name, fields=resolved, registry_path=registry_path, overrides=override_values,
+                  spellings=spellings, auto_dtypes=auto_dtypes)
 
 
 def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:

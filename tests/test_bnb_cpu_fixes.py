@@ -62,12 +62,30 @@ def test_4bit_gradients_after_an_eval_forward_equal_a_fresh_models(tiny_model_di
 
 
 def test_4bit_repacking_defect_is_real_without_the_neutraliser(tiny_model_dir):
+    """Forced repacking, an eval forward, then a train step: the gradients are broken, in a way that depends on the CPU.
+
+    After the eval forward every Linear4bit holds its weight in bitsandbytes' packed CPU layout and routes the
+    training forward through `gemv_4bit`, which has no autograd formula:
+    - CPUs with AVX512-BF16 (Intel Xeon with AMX, AMD EPYC Zen 4/5): bitsandbytes registers its fused CPU kernel for
+      `gemv_4bit`. Its output is right, but autograd's fallback gives its input no gradient, so nothing flows back
+      through a repacked base layer: adapters reached only that way (q_proj/v_proj, whose gradient must pass the
+      unadapted o_proj) get NO gradient at all, and the others get wrong ones (their upstream terms are missing).
+    - CPUs without AVX512-BF16 (AVX2 only; bitsandbytes repacks there only when forced, as here): `gemv_4bit` is the
+      default kernel, which dequantises the packed bytes as if they were unpacked. Gradients flow, but through a
+      garbage weight: every adapter weight gets a wrong gradient (~100% relative error).
+    Either symptom proves the defect; if neither shows (all gradients present and equal to a fresh model's within
+    0.1), bitsandbytes has fixed it and the neutraliser can go.
+    """
     input_ids = torch.randint(2, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     fresh = _train_step_grads(_dora_model(tiny_model_dir, FOUR_BIT), input_ids, eval_forward_first=False)
-    repacked = _train_step_grads(
-        _dora_model(tiny_model_dir, FOUR_BIT, repack=True), input_ids, eval_forward_first=True
-    )
-    assert _max_relative_error(repacked, fresh) > 0.1
+    repacked = _train_step_grads(_dora_model(tiny_model_dir, FOUR_BIT, repack=True), input_ids, eval_forward_first=True)
+    assert repacked.keys() <= fresh.keys() and fresh
+    missing = sorted(fresh.keys() - repacked.keys())
+    present = {key: repacked[key] for key in fresh.keys() & repacked.keys()}
+    worst_error = _max_relative_error(present, {key: fresh[key] for key in present}) if present else 0.0
+    if bnb.functional.has_avx512bf16():
+        assert any(".q_proj." in key for key in missing) and any(".v_proj." in key for key in missing), missing
+    assert missing or worst_error > 0.1, f"gradients all present and correct (max relative error {worst_error:.3g})"
 
 
 def _train_8bit_dora(model_dir, steps: int) -> list[float]:

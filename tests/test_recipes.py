@@ -194,3 +194,37 @@ def test_cli_dry_run_applies_overrides():
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed["lora_r"] == 16 and printed["use_dora"] is False
+
+
+# FinLoRA's aliases: a message names the field as the user wrote it, wherever it was written.
+ALIAS_SPELLING_CASES = [
+    ({"peft_use_dora": "yes"}, [], 'field "peft_use_dora": \'yes\' is not of type \'boolean\''),
+    ({"peft_use_rslora": 1}, [], 'field "peft_use_rslora": 1 is not of type \'boolean\''),
+    ({}, ["peft_use_dora=maybe"], 'field "peft_use_dora": \'maybe\' is not of type \'boolean\''),
+    ({"peft_use_dora": False, "fast_dora": True}, [], "(set peft_use_dora true, or drop fast_dora)"),
+]
+
+
+@pytest.mark.parametrize(("fields", "overrides", "fragment"), ALIAS_SPELLING_CASES)
+def test_alias_errors_name_the_field_as_written(tmp_path, fields, overrides, fragment):
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d.jsonl", **fields}})
+    with pytest.raises(RecipeError) as caught:
+        resolve_recipe("r", registry, overrides)
+    assert fragment in str(caught.value)
+    assert '"use_dora"' not in str(caught.value) and '"use_rslora"' not in str(caught.value)
+
+
+def test_our_own_spelling_in_a_later_layer_takes_the_name_back(tmp_path):
+    registry = write_registry(tmp_path, {"base": {"base_model": "m", "dataset_path": "d.jsonl", "peft_use_dora": True},
+                                         "r": {"extends": "base", "use_dora": "no"}})
+    with pytest.raises(RecipeError, match="field \"use_dora\": 'no' is not of type 'boolean'"):
+        resolve_recipe("r", registry)
+    recipe = resolve_recipe("base", registry)
+    assert recipe["use_dora"] is True and recipe.field_name("use_dora") == "peft_use_dora"
+    assert recipe.field_name("lora_r") == "lora_r"
+
+
+def test_cli_alias_error_names_the_alias():
+    result = run_cli("sentiment_llama_3_1_8b_4bits_r4_dora", "--dry-run", "--set", "peft_use_dora=3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert 'field "peft_use_dora": 3 is not of type' in result.stderr
