@@ -333,6 +333,11 @@ def rotated(methods: tuple, round_index: int) -> tuple:
 
 
 def train_step(model, optimizer, batch) -> None:
+    """One optimiser step: on a batch, or on a list of micro-batches (accumulated; train() per micro-batch as the
+    Trainer does)."""
+    if isinstance(batch, list):
+        accumulated_step(model, optimizer, batch)
+        return
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     optimizer.step()
@@ -400,9 +405,12 @@ def static_bytes(model, optimizer) -> int:
     return total
 
 
+def methods_summary(row: dict) -> str:
+    return ", ".join(f"{m} {row[f'{m}_ms']:.1f} ms / {row[f'{m}_mib']:.0f} MiB" for m in METHODS)
+
+
 def format_row_line(row: dict) -> str:
-    parts = [f"{m} {row[f'{m}_ms']:.1f} ms / {row[f'{m}_mib']:.0f} MiB" for m in METHODS]
-    return f"{row['model']:>13} {row['base']:>8}: " + ", ".join(parts)
+    return f"{row['model']:>13} {row['base']:>8}: " + methods_summary(row)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -549,42 +557,6 @@ def accumulated_step(model, optimizer, batches) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed_accumulated_step(model, optimizer, batches, device: str, clock: str) -> float:
-    import torch
-
-    now = time.perf_counter if clock == "wall" else time.process_time
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = now()
-    accumulated_step(model, optimizer, batches)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return now() - start
-
-
-def accumulated_peak_rise(model, optimizer, batches, device: str) -> int:
-    """peak_rise_of_step for a whole optimiser step (CUDA counters, or the CPU profiler's allocation events)."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        accumulated_step(model, optimizer, batches)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        accumulated_step(model, optimizer, batches)
-    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def measure_setting(args, variants, shape, micro_shape, ckpt, accumulation, warmup, steps, check: bool) -> dict:
     batches = micro_batches(micro_shape, accumulation, shape["vocab_size"], args.device)
     for model, _ in variants.values():
@@ -594,12 +566,12 @@ def measure_setting(args, variants, shape, micro_shape, ckpt, accumulation, warm
     times = {method: [] for method in METHODS}
     for round_index in range(warmup + steps):
         for method in rotated(METHODS, round_index):
-            seconds = timed_accumulated_step(*variants[method], batches, args.device, args.clock)
+            seconds = timed_step(*variants[method], batches, args.device, args.clock)
             if round_index >= warmup:
                 times[method].append(seconds)
     for method in METHODS:
         model, optimizer = variants[method]
-        peak = accumulated_peak_rise(model, optimizer, batches, args.device)
+        peak = peak_rise_of_step(model, optimizer, batches, args.device)
         row[f"{method}_ms"] = 1000 * statistics.median(times[method])
         row[f"{method}_mib"] = (static_bytes(model, optimizer) + peak) / 2**20
     row["floor_ms"] = row["lora_ms"] + dora_floor_ms(args, shape, batches, accumulation)
@@ -651,9 +623,8 @@ def median_ms(function, args, repeats: int = 5) -> float:
 
 
 def format_suite_line(row: dict) -> str:
-    parts = [f"{m} {row[f'{m}_ms']:.1f} ms / {row[f'{m}_mib']:.0f} MiB" for m in METHODS]
     setting = f"{row['base']} r={row['rank']} {row['shape']} ckpt {row['checkpointing']} GA {row['accumulation']}"
-    return f"{setting}: " + ", ".join(parts) + f", floor {row['floor_ms']:.1f} ms"
+    return f"{setting}: {methods_summary(row)}, floor {row['floor_ms']:.1f} ms"
 
 
 def format_suite_table(rows: list[dict]) -> str:
