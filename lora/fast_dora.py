@@ -14,12 +14,21 @@ We keep that math and change only how it is evaluated:
   weight; for LLM.int8 it comes from the int8 weight and its row scales (pushing A through the layer would
   quantise A); for 4-bit the layer's forward is taken over so that ONE fp32 dequantisation serves both the base
   GEMM (cast to the compute dtype, exactly as bitsandbytes does it) and W Aᵀ.
-- The output is composed by one autograd function that keeps only its own output y for backward, where stock
-  keeps the base and the LoRA outputs: the magnitude's gradient is Σ_t dy ⊙ (y - bias) / m. Where the next op
-  keeps y anyway (Llama's gate/up projections) this costs nothing; elsewhere it is one [tokens, out] activation
-  per layer more than LoRA, which no exact method avoids without recomputing a base GEMM in backward.
-- In eval or no-grad mode the per-row norm is cached, keyed by the adapter tensors' identities and version
-  counters, the scaling and the base weight; `train()` clears it. No dense B A is ever formed.
+- The output is composed by one fused autograd function (row scaling, the low-rank term, the magnitude; backward
+  including the magnitude's gradient) that keeps only its own output y for backward, where stock keeps the base
+  and the LoRA outputs: the magnitude's gradient is Σ_t dy ⊙ (y - bias) / m. Where the next op keeps y anyway
+  (Llama's gate/up projections) this costs nothing; elsewhere it is one [tokens, out] activation per layer more
+  than LoRA, which no exact method avoids without recomputing a base GEMM in backward. Its forward and backward
+  are each compiled by torch.compile into one kernel on CUDA (eager elsewhere; `FAST_DORA_COMPILE`, below).
+- The per-row norm is computed once per optimiser step, not per micro-batch and not again in a checkpoint
+  recompute: it is cached until an adapter weight changes, keyed by the LoRA A/B and magnitude tensors'
+  identities and version counters, the scaling, the base weight and a count of optimiser steps (fused AdamW and
+  bitsandbytes' optimisers update parameters without bumping version counters; every torch optimiser's step
+  runs a global post-step hook that bumps the count). No dense B A is ever formed. Writes through `.data`
+  bypass both counters: call `clear_fast_dora_cache(model)` after them.
+- No second dequantisation of a 4-bit or 8-bit base weight per forward: with a cached norm the layer runs only
+  bitsandbytes' own GEMM; when the norm is due, one dequantisation serves the GEMM and W Aᵀ (4-bit), or W Aᵀ
+  comes from the int8 weight itself (8-bit).
 - With lora_dropout > 0 in training, peft runs the base layer a second time on the dropped-out input (its
   `base_result=None` branch); we do the same, for quantised bases with the dequantised weight shared with
   W Aᵀ and recomputed in backward rather than kept.
@@ -31,12 +40,14 @@ Parameters, state_dict keys, merging and the saved format are peft's own: the va
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:
     import bitsandbytes as bnb
@@ -45,8 +56,9 @@ except ImportError:  # bitsandbytes is optional: unquantised bases still get the
     bnb = None
     lora_bnb = None
 
-_NORM_CACHE_KEY = "fast-dora-row-norm"
 _INT8_SCALE = 1.0 / 127.0
+# "auto": compile the fused composition on CUDA with Triton, run it eagerly elsewhere; "1": always; "0": never.
+COMPILE_ENV = "FAST_DORA_COMPILE"
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
@@ -93,6 +105,10 @@ if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
             dropped_x = None
             if self.training and not isinstance(dropout, nn.Identity):
                 dropped_x = dropout(lora_x)
+            norm = _cached_norm(self, adapter) if dropped_x is None else None
+            if norm is not None:  # the norm is current: bitsandbytes' own GEMM (its own kernel choice), nothing else
+                result = self.get_base_layer()(x)
+                return _compose(self, adapter, result, lora_B(lora_A(lora_x)), norm).to(result.dtype)
             result, base_of_dropped, weight_times_a, weight_sq = _SharedWeightLinear.apply(
                 x, dropped_x, lora_A.weight.detach(), self.get_base_layer(), _needs_weight_sq(self)
             )
@@ -123,8 +139,6 @@ if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
                 or (base.bias is not None and base.bias.requires_grad)
             ):
                 return None
-            if _cached_norm(self, adapter) is not None:
-                return None  # nothing to share: let bitsandbytes pick its own (inference) kernel
             return adapter
 
 else:  # pragma: no cover - bitsandbytes without 4-bit support
@@ -143,6 +157,7 @@ def enable_fast_dora(model: nn.Module) -> int:
     Returns:
         The number of layers switched (layers already on fast DoRA are not counted again).
     """
+    _install_optimizer_step_hook()
     switched_layers = 0
     for module in model.modules():
         if not _supported_layer(module):
@@ -171,10 +186,15 @@ def disable_fast_dora(model: nn.Module) -> int:
                 switched = True
         if FastDoraLinear4bit is not None and type(module) is FastDoraLinear4bit:
             module.__class__ = lora_bnb.Linear4bit
-        for dora_layer in module.lora_magnitude_vector.values():
-            dora_layer._dora_cache.pop(_NORM_CACHE_KEY, None)
+        module.__dict__.pop("_fast_dora_norms", None)
         switched_layers += switched
     return switched_layers
+
+
+def clear_fast_dora_cache(model: nn.Module) -> None:
+    """Forget every cached row norm; needed only after adapter weights were written through `.data`."""
+    for module in model.modules():
+        module.__dict__.pop("_fast_dora_norms", None)
 
 
 def _supported_layer(module: nn.Module) -> bool:
@@ -253,34 +273,48 @@ def _weight_key(weight: torch.Tensor) -> tuple:
 
 
 def _cached_norm(module, adapter: str) -> torch.Tensor | None:
-    """The cached row norm when caching applies (eval or no-grad) and nothing it depends on has changed."""
-    if module.training and torch.is_grad_enabled():
-        return None
-    cached = module.lora_magnitude_vector[adapter]._dora_cache.get(_NORM_CACHE_KEY)
+    """The cached row norm if nothing it depends on has changed since it was computed, else None.
+
+    Valid in training too (the norm is a constant in backward): gradient accumulation and checkpoint recomputes
+    reuse it until the optimiser steps. Kept on the LoRA layer, not in peft's `_dora_cache`, which every
+    `train()` call clears (the Trainer calls it once per micro-batch).
+    """
+    cached = module.__dict__.get("_fast_dora_norms", {}).get(adapter)
     if cached is not None and cached[0] == _norm_key(module, adapter):
         return cached[1]
     return None
 
 
 def _store_norm(module, adapter: str, norm: torch.Tensor) -> None:
-    # Only in eval/no-grad: during training the parameters change every step, and optimizers that update through
-    # raw pointers (bitsandbytes' 8-bit ones) would not bump the version counters the key relies on.
-    if module.training and torch.is_grad_enabled():
-        return
-    module.lora_magnitude_vector[adapter]._dora_cache[_NORM_CACHE_KEY] = (_norm_key(module, adapter), norm)
+    module.__dict__.setdefault("_fast_dora_norms", {})[adapter] = (_norm_key(module, adapter), norm)
 
 
 def _norm_key(module, adapter: str) -> tuple:
-    a = module.lora_A[adapter].weight
-    b = module.lora_B[adapter].weight
+    tensors = [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
+    tensors.append(module.lora_magnitude_vector[adapter].weight)
     return (
-        a.data_ptr(),
-        a._version,
-        b.data_ptr(),
-        b._version,
+        *((tensor.data_ptr(), tensor._version) for tensor in tensors),
         float(module.scaling[adapter]),
         _weight_key(module.get_base_layer().weight),
+        _optimizer_steps_taken,
     )
+
+
+# Fused AdamW and bitsandbytes' optimisers write parameters without bumping their version counters, so the key
+# also holds a count of optimiser steps, kept by a global post-step hook that every torch.optim.Optimizer runs.
+_optimizer_steps_taken = 0
+_optimizer_step_hook = None
+
+
+def _install_optimizer_step_hook() -> None:
+    global _optimizer_step_hook
+    if _optimizer_step_hook is None:
+        _optimizer_step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps_taken
+    _optimizer_steps_taken += 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +392,7 @@ def _compose(module, adapter: str, result: torch.Tensor, lora_out: torch.Tensor,
     """result + (g - 1) ⊙ (result - bias) + g ⊙ s·lora_out, with g = m / norm in fp32."""
     magnitude = module.lora_magnitude_vector[adapter].weight
     bias = module.get_base_layer().bias
-    return _ScaleRows.apply(result, lora_out, magnitude, norm, bias, float(module.scaling[adapter]))
+    return _DoraComposition.apply(result, lora_out, magnitude, norm, bias, float(module.scaling[adapter]))
 
 
 def _compose_with_dropout(module, adapter, result, base_of_dropped, lora_out, norm):
@@ -368,24 +402,20 @@ def _compose_with_dropout(module, adapter, result, base_of_dropped, lora_out, no
     return result + ((scale - 1) * base_of_dropped + scale * lora_out * module.scaling[adapter])
 
 
-class _ScaleRows(torch.autograd.Function):
-    """y = g ⊙ (result - bias + s·lora_out) + bias, g = m / norm (fp32; the norm is a constant).
+class _DoraComposition(torch.autograd.Function):
+    """y = g ⊙ (result - bias + s·lora_out) + bias, g = m / norm (fp32; the norm is a constant), as one operation.
 
     Saves y, not the base and LoRA outputs. The magnitude's gradient is Σ_t dy_t ⊙ z_t / norm with
     z = (y - bias) / g, i.e. Σ_t dy_t ⊙ (y_t - bias) / m: one product and one reduction over the tokens. (Rows with
     m = 0 would need z itself; peft divides by a zero norm there anyway.) The output is returned in the base
-    output's dtype, which is what peft casts the layer's result to anyway.
+    output's dtype, which is what peft casts the layer's result to anyway. Forward and backward are plain tensor
+    functions, each compiled into one fused kernel where `_composition_kernels` says so.
     """
 
     @staticmethod
     def forward(ctx, result, lora_out, magnitude, norm, bias, scaling):
-        scale = _as_fp32(magnitude) / norm
-        without_bias = result if bias is None else result - bias
-        output = torch.add(without_bias, lora_out, alpha=scaling).mul_(scale)
-        if bias is not None:
-            output = output.add_(bias)
-        if output.dtype != result.dtype:
-            output = output.to(result.dtype)
+        forward_kernel, _ = _composition_kernels(result.device)
+        output, scale = forward_kernel(result, lora_out, magnitude, norm, bias, scaling)
         ctx.save_for_backward(output, scale, magnitude, bias)
         ctx.scaling = scaling
         ctx.dtypes = (result.dtype, lora_out.dtype)
@@ -394,20 +424,72 @@ class _ScaleRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         output, scale, magnitude, bias = ctx.saved_tensors
-        result_dtype, lora_dtype = ctx.dtypes
-        grad_result = grad_lora = grad_magnitude = None
-        scaled_grad = grad_output * scale
-        if ctx.needs_input_grad[0]:
-            grad_result = scaled_grad if scaled_grad.dtype == result_dtype else scaled_grad.to(result_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_lora = scaled_grad * ctx.scaling
-            grad_lora = grad_lora if grad_lora.dtype == lora_dtype else grad_lora.to(lora_dtype)
-        if ctx.needs_input_grad[2]:
-            rows = _as_fp32(grad_output.reshape(-1, grad_output.shape[-1]))
-            dot = torch.linalg.vecdot(rows, _as_fp32(output.reshape(rows.shape)), dim=0)
-            if bias is not None:
-                dot = dot - _as_fp32(bias) * rows.sum(dim=0)
-            grad_magnitude = dot / _as_fp32(magnitude)
-            if grad_magnitude.dtype != magnitude.dtype:
-                grad_magnitude = grad_magnitude.to(magnitude.dtype)
-        return grad_result, grad_lora, grad_magnitude, None, None, None
+        _, backward_kernel = _composition_kernels(grad_output.device)
+        grads = backward_kernel(
+            grad_output, output, scale, magnitude, bias, ctx.scaling, *ctx.dtypes, ctx.needs_input_grad[:3]
+        )
+        return (*grads, None, None, None)
+
+
+def composition_forward(result, lora_out, magnitude, norm, bias, scaling: float):
+    """The fused forward: (y, g) with y in the base output's dtype and g = m / norm in fp32."""
+    scale = _as_fp32(magnitude) / norm
+    without_bias = result if bias is None else result - bias
+    output = torch.add(without_bias, lora_out, alpha=scaling).mul_(scale)
+    if bias is not None:
+        output = output.add_(bias)
+    if output.dtype != result.dtype:
+        output = output.to(result.dtype)
+    return output, scale
+
+
+def composition_backward(grad_output, output, scale, magnitude, bias, scaling: float, result_dtype, lora_dtype, needs):
+    """The fused backward: gradients of the base output, the LoRA output and the magnitude (None where not needed)."""
+    grad_result = grad_lora = grad_magnitude = None
+    scaled_grad = grad_output * scale
+    if needs[0]:
+        grad_result = scaled_grad if scaled_grad.dtype == result_dtype else scaled_grad.to(result_dtype)
+    if needs[1]:
+        grad_lora = scaled_grad * scaling
+        grad_lora = grad_lora if grad_lora.dtype == lora_dtype else grad_lora.to(lora_dtype)
+    if needs[2]:
+        rows = _as_fp32(grad_output.reshape(-1, grad_output.shape[-1]))
+        dot = torch.linalg.vecdot(rows, _as_fp32(output.reshape(rows.shape)), dim=0)
+        if bias is not None:
+            dot = dot - _as_fp32(bias) * rows.sum(dim=0)
+        grad_magnitude = dot / _as_fp32(magnitude)
+        if grad_magnitude.dtype != magnitude.dtype:
+            grad_magnitude = grad_magnitude.to(magnitude.dtype)
+    return grad_result, grad_lora, grad_magnitude
+
+
+_compiled_kernels = None
+
+
+def _composition_kernels(device: torch.device):
+    """(forward, backward) of the composition: compiled on CUDA with Triton (each one fused kernel instead of
+    ~8 launches per layer, which is what bounds these layers on a GPU), eager on CPU, where a fused loop gains
+    little and compiling costs seconds per shape. FAST_DORA_COMPILE=1 compiles on every device, =0 never."""
+    global _compiled_kernels
+    if not _compile_on(device):
+        return composition_forward, composition_backward
+    if _compiled_kernels is None:
+        # dynamic: one graph for every token count and layer width instead of one per shape.
+        _compiled_kernels = (
+            torch.compile(composition_forward, dynamic=True, fullgraph=True),
+            torch.compile(composition_backward, dynamic=True, fullgraph=True),
+        )
+    return _compiled_kernels
+
+
+def _compile_on(device: torch.device) -> bool:
+    choice = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if choice in ("0", "false", "no", "off"):
+        return False
+    if choice in ("1", "true", "yes", "on"):
+        return True
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()

@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import shutil
+
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora.fast_dora import _NORM_CACHE_KEY, FastDoraLinearVariant, disable_fast_dora, enable_fast_dora
+from lora import fast_dora
+from lora.fast_dora import FastDoraLinearVariant, clear_fast_dora_cache, disable_fast_dora, enable_fast_dora
 
 LAYERS_PER_TINY_MODEL = 14  # 2 blocks x 7 linear layers
 FP32_TOLERANCE = 1e-5
@@ -190,31 +195,179 @@ def test_adapter_saved_with_fast_dora_loads_in_stock_peft(tiny_model_dir, tmp_pa
     assert relative_error(eval_logits(reloaded_fast, input_ids), expected) < FP32_TOLERANCE
 
 
-def test_eval_cache_is_reused_and_invalidated_by_an_optimizer_step(tiny_model_dir):
+def cached_norms(model) -> list:
+    return [m.__dict__.get("_fast_dora_norms", {}).get("default") for m in model.modules() if hasattr(m, "lora_A")]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.AdamW(params, lr=0.05),
+        lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),  # updates without bumping _version
+        lambda params: bnb.optim.AdamW8bit(params, lr=0.05, min_8bit_size=1),  # the same, through bitsandbytes
+    ],
+    ids=["adamw", "adamw-fused", "bnb-adamw8bit"],
+)
+def test_norm_cache_is_reused_and_invalidated_by_an_optimizer_step(tiny_model_dir, make_optimizer):
     model = dora_model(tiny_model_dir, "fp32", fast=True)
     input_ids = batch()
-    dora_layers = [m for m in model.modules() if "default" in getattr(m, "lora_magnitude_vector", {})]
-    assert len(dora_layers) == LAYERS_PER_TINY_MODEL
-    caches = [layer.lora_magnitude_vector["default"]._dora_cache for layer in dora_layers]
-
     first = eval_logits(model, input_ids)
-    cached_norms = [cache[_NORM_CACHE_KEY][1] for cache in caches]
+    norms = [entry[1] for entry in cached_norms(model)]
+    assert len(norms) == LAYERS_PER_TINY_MODEL
     second = eval_logits(model, input_ids)
     assert torch.equal(first, second)
-    assert all(cache[_NORM_CACHE_KEY][1] is norm for cache, norm in zip(caches, cached_norms))  # reused, not redone
+    assert all(entry[1] is norm for entry, norm in zip(cached_norms(model), norms))  # reused, not redone
 
-    # An optimizer step taken in eval mode (no train() call to clear the cache) must still be seen.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    # A step taken in eval mode (no train() call in between) must be seen, whichever way the optimizer writes.
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     after_step = eval_logits(model, input_ids)
     assert relative_error(after_step, first) > 1e-3
-    for cache in caches:
-        cache.clear()
+    clear_fast_dora_cache(model)
+    assert all(entry is None for entry in cached_norms(model))
     assert relative_error(eval_logits(model, input_ids), after_step) < 1e-6
 
+
+class CountingRowNorm:
+    """Counts fast DoRA's row-norm computations and calls through to the real function."""
+
+    def __init__(self):
+        self.calls = 0
+        self.real = fast_dora._row_norm
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def train_with_accumulation(model, micro_batches, steps: int, count_norms=None) -> tuple[dict, list[int]]:
+    """`steps` fused-AdamW steps of len(micro_batches) micro-batches each, calling train() per micro-batch as the
+    Trainer does; returns the adapter weights and how many norms each optimizer step computed."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    norms_per_step = []
+    for _ in range(steps):
+        before = count_norms.calls if count_norms else 0
+        for input_ids in micro_batches:
+            model.train()  # peft clears its own DoRA cache here; ours must survive
+            (model(input_ids=input_ids, labels=input_ids).loss / len(micro_batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        norms_per_step.append((count_norms.calls if count_norms else 0) - before)
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return adapter, norms_per_step
+
+
+@pytest.mark.parametrize(("base", "checkpointing"), [("fp32", False), ("fp32", True), ("nf4-fp32", True)])
+def test_norm_computed_once_per_optimizer_step_with_gradient_accumulation(
+    tiny_model_dir, monkeypatch, base, checkpointing
+):
+    """Gradient accumulation 4: the same adapter as stock peft after two steps, and one norm per layer and step,
+    neither per micro-batch nor again in the checkpoint recompute (the old code computed 4x, or 8x)."""
+    micro_batches = [torch.randint(2, 250, (2, 12), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    counter = CountingRowNorm()
+    monkeypatch.setattr(fast_dora, "_row_norm", counter)
+    fast = dora_model(tiny_model_dir, base, fast=True, checkpointing=checkpointing)
+    fast_adapter, norms_per_step = train_with_accumulation(fast, micro_batches, steps=2, count_norms=counter)
+    assert norms_per_step == [LAYERS_PER_TINY_MODEL, LAYERS_PER_TINY_MODEL]
+
+    stock = dora_model(tiny_model_dir, base, fast=False, checkpointing=checkpointing)
+    stock_adapter, _ = train_with_accumulation(stock, micro_batches, steps=2)
+    assert fast_adapter.keys() == stock_adapter.keys()
+    for name in stock_adapter:
+        assert relative_error(fast_adapter[name], stock_adapter[name]) < 1e-4, name
+
+
+class CountWeightDecodes(TorchDispatchMode):
+    """Counts bitsandbytes ops that decode a whole quantised weight; each op still runs (func is called).
+
+    Top-level calls only: a mode is switched off inside its own handler, so gemm_4bit's internal
+    dequantize_4bit is not counted a second time.
+    """
+
+    DECODES = {"dequantize_4bit", "gemm_4bit", "gemv_4bit", "int8_vectorwise_dequant"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bitsandbytes" and func.__name__.split(".")[0] in self.DECODES:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decodes_per_forward(model, input_ids, forwards: int) -> list[int]:
+    """Weight decodes in each of several training forwards (backward runs between them, uncounted)."""
     model.train()
-    assert all(_NORM_CACHE_KEY not in cache for cache in caches)
+    counts = []
+    for _ in range(forwards):
+        with CountWeightDecodes() as counter:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        counts.append(counter.calls)
+    return counts
+
+
+@pytest.mark.parametrize("base", ["nf4-fp32", "nf4-bf16", "int8"])
+def test_no_second_dequantisation_per_forward(tiny_model_dir, base):
+    """4-bit: one decode per layer and forward (stock: two). 8-bit: none beyond bitsandbytes' own matmul after the
+    first forward (stock dequantises every layer on every forward)."""
+    input_ids = batch()
+    fast = decodes_per_forward(dora_model(tiny_model_dir, base, fast=True), input_ids, forwards=3)
+    stock = decodes_per_forward(dora_model(tiny_model_dir, base, fast=False), input_ids, forwards=3)
+    if base == "int8":
+        assert stock == [LAYERS_PER_TINY_MODEL] * 3
+        assert fast[1:] == [0, 0]
+    else:
+        assert stock == [2 * LAYERS_PER_TINY_MODEL] * 3
+        assert fast == [LAYERS_PER_TINY_MODEL] * 3
+
+
+def dora_linear(fast: bool):
+    """One DoRA layer with a bias (the composition's bias branch) and moved-off-init B and magnitude."""
+    torch.manual_seed(7)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=True))
+    model = get_peft_model(layer, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(8)))
+    if fast:
+        assert enable_fast_dora(model) == 1
+    return model
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_composition_matches_stock_peft_on_cpu(monkeypatch):
+    """FAST_DORA_COMPILE=1: the torch.compile'd fused composition (the CUDA default) is exact on CPU too.
+    One layer, so that the compile (~20 s on 2 cores) is the only slow part."""
+    monkeypatch.setenv(fast_dora.COMPILE_ENV, "1")
+    monkeypatch.setattr(fast_dora, "_compiled_kernels", None)
+    kernels_used = []
+    real_kernels = fast_dora._composition_kernels
+
+    def recording_kernels(device):
+        kernels = real_kernels(device)
+        kernels_used.append(kernels)
+        return kernels
+
+    monkeypatch.setattr(fast_dora, "_composition_kernels", recording_kernels)
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(9))
+    outputs, grads = {}, {}
+    for fast in (True, False):
+        model = dora_linear(fast)
+        inputs = x.clone().requires_grad_(True)
+        output = model(inputs)
+        (output * torch.linspace(-1, 1, output.shape[-1])).sum().backward()
+        outputs[fast] = output.detach()
+        grads[fast] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads[fast]["input"] = inputs.grad
+    assert kernels_used and all(kernels[0] is not fast_dora.composition_forward for kernels in kernels_used)
+    assert relative_error(outputs[True], outputs[False]) < FP32_TOLERANCE
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 4  # A, B, magnitude, input
+    for name in grads[False]:
+        assert relative_error(grads[True][name], grads[False][name]) < FP32_TOLERANCE, name
 
 
 def test_enable_counts_only_dora_layers_and_disable_restores_stock(tiny_model_dir):
