@@ -105,6 +105,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
     from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
                                      load_tokenizer)
     from lora.model_source import resolve_model_source
+    from lora.quantised_layers import count_quantised_layers
     from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
 
     started = time.perf_counter()
@@ -135,10 +136,13 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         dtype=recipe["dtype"],
         trust_remote_code=recipe["trust_remote_code"],
     )
+    base_layers = count_quantised_layers(model)  # before peft adds its own nn.Linear adapters
     model = attach_adapter(recipe, model)
     model.peft_config["default"].base_model_name_or_path = portable_base_model_id(recipe, source)
     trainable, total = model.get_nb_trainable_parameters()
-    milestone(f"model loaded: {total / 1e6:.1f} M parameters, {trainable / 1e6:.3f} M trainable")
+    milestone(f"model loaded: {total / 1e6:.1f} M parameters, {trainable / 1e6:.3f} M trainable; base linear "
+              f"layers: {base_layers['linear4bit']} 4-bit, {base_layers['linear8bit']} 8-bit, "
+              f"{base_layers['plain_linear']} unquantised")
 
     if recipe["trainer"] == "grpo":
         from lora.grpo import build_grpo_trainer
@@ -164,6 +168,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         "dataset_sha256": file_sha256(recipe["dataset_path"]),
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
+        "base_layers": base_layers,
         "world_size": state.num_processes,
         "library_versions": artifacts.library_versions(),
         "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
