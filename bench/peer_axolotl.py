@@ -260,13 +260,13 @@ def device_changes(device: str) -> list[tuple[str, object, str]]:
     ]
     if device == "cpu":
         changes += [
-            ("bf16", False, "`auto` finds no bf16 GPU and turns on fp16 mixed precision, which the CPU Trainer "
-                            "refuses"),
+            ("bf16", False, "`auto` finds no bf16 GPU and turns fp16 mixed precision on (axolotl's resolve_dtype); "
+                            "the recipe computes in fp32"),
             ("lora_mlp_kernel", False, "axolotl switches its Triton LoRA kernels on by default; they need CUDA"),
             ("lora_qkv_kernel", False, "same"),
             ("lora_o_kernel", False, "same"),
             ("lora_embedding_kernel", False, "same"),
-            ("optimizer", "adamw_torch", "paged 8-bit AdamW pages through CUDA unified memory"),
+            ("optimizer", "adamw_torch", "paged 8-bit AdamW is built on CUDA unified memory"),
         ]
     return changes
 
@@ -550,19 +550,9 @@ def write_section(args, block_lines: list[str]) -> None:
     name = "peer_axolotl" + (f" {args.tag}" if args.tag else "")
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = "\n".join([begin, *block_lines, end])
-    path = args.benchmarks_file
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    elif SECTION_HEADING in text:  # a new block at the end of the section
-        start = text.index(SECTION_HEADING)
-        next_section = text.find("\n## ", start + len(SECTION_HEADING))
-        cut = len(text) if next_section == -1 else next_section
-        text = text[:cut].rstrip("\n") + "\n\n" + block + "\n" + text[cut:]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    from benchmarks_md import write_block  # bench/ is on sys.path as the script's folder
+
+    write_block(args.benchmarks_file, SECTION_HEADING, begin, end, block)
 
 
 # ----------------------------------------------------------------------------------------------------------------
