@@ -355,11 +355,11 @@ def ensure_axolotl_venv(install: bool) -> tuple[Path | None, str]:
 # Running and measuring one tool
 
 
-def run_measured(command: list[str], env: dict, log_path: Path, timeout_s: float) -> dict:
+def run_measured(command: list[str], env: dict, log_path: Path, timeout_s: float, cwd: Path = REPO_ROOT) -> dict:
     """Run `command`, its output to `log_path`; wall time and the peak RSS of its whole process tree."""
     started = time.perf_counter()
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                    start_new_session=True)
         deadline = started + timeout_s
         while True:
@@ -464,7 +464,8 @@ def run_axolotl(args, name: str, config: dict, venv: Path, model_dir: Path, scra
     log = scratch / f"{name}.log"
     print(f"[{name}] {' '.join(command)}", flush=True)
     env = tool_env(probe_dir, site_dir, args.threads, extra_path=venv / "bin")
-    run = run_measured(command, env, log, args.timeout)
+    # cwd: axolotl writes its tokenised data to ./last_run_prepared when dataset_prepared_path is empty (FinLoRA's)
+    run = run_measured(command, env, log, args.timeout, cwd=scratch)
     return summarise(name, run, read_probe(probe_dir), check_adapter(Path(config["output_dir"]), model_dir), log)
 
 
