@@ -323,19 +323,9 @@ def write_section(args, table: str, rows: list[dict], elapsed: float, load: tupl
         *goal_lines(rows),
         end,
     ])
-    path = args.benchmarks_file
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    elif SECTION_HEADING in text:  # a new block at the end of section 2
-        start = text.index(SECTION_HEADING)
-        next_section = text.find("\n## ", start + len(SECTION_HEADING))
-        cut = len(text) if next_section == -1 else next_section
-        text = text[:cut].rstrip("\n") + "\n\n" + block + "\n" + text[cut:]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    from benchmarks_md import write_block  # bench/ is on sys.path as the script's folder
+
+    write_block(args.benchmarks_file, SECTION_HEADING, begin, end, block)
 
 
 def main(argv=None) -> None:

@@ -165,6 +165,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
     from lora.adapter_io import ADAPTER_WEIGHTS
     from lora.data import build_collator, build_datasets, file_sha256, load_rows
     from lora.model_building import attach_adapter, build_quantization_config, load_base_model, load_tokenizer
+    from lora.quantised_layers import count_quantised_layers
     from lora.tracking import finish_tracking
     from lora.training import build_trainer, gathered_state_dict, peak_memory_bytes
 
@@ -204,10 +205,14 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
         dtype=recipe["dtype"],
         trust_remote_code=recipe["trust_remote_code"],
     )
+    base_layers = count_quantised_layers(model)  # before peft adds its own nn.Linear adapters
+    summary["base_layers"] = base_layers
     model = attach_adapter(recipe, model)
     model.peft_config["default"].base_model_name_or_path = portable_base_model_id(recipe, source)
     trainable, total = model.get_nb_trainable_parameters()
-    milestone(f"model loaded: {total / 1e6:.1f} M parameters, {trainable / 1e6:.3f} M trainable")
+    milestone(f"model loaded: {total / 1e6:.1f} M parameters, {trainable / 1e6:.3f} M trainable; base linear "
+              f"layers: {base_layers['linear4bit']} 4-bit, {base_layers['linear8bit']} 8-bit, "
+              f"{base_layers['plain_linear']} unquantised")
 
     if recipe["trainer"] == "grpo":
         from lora.grpo import build_grpo_trainer

@@ -15,6 +15,7 @@ from torch import nn
 
 import lora.bnb_cpu_fixes  # noqa: F401  (must run before any quantised model is built)
 from lora.errors import ModelSourceError, RecipeError
+from lora.quantised_layers import count_quantised_layers, quantisation_mismatch, requested_bits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The container dtype of packed 4-bit weights: uint8 by default; FSDP can only shard them in the dtype of the other
@@ -59,7 +60,12 @@ def device_map_for_this_process():
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (EOS when it has none) and right padding for training."""
+    """The model's tokenizer, with a pad token (EOS when it has none) and right padding for training.
+
+    The vocabulary never grows: a new pad token would add an embedding row, and the saved adapter would then carry
+    the whole embedding matrix and no longer load onto the plain base (what FinLoRA's Llama pad token does to
+    SmolLM2 under axolotl). Padding is masked out of the loss and attention, so reusing EOS costs nothing.
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -67,6 +73,12 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load a tokenizer from {model_path}: {error}") from None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelSourceError(
+                f"the tokenizer in {model_path} has neither a pad token nor an EOS token; the runner will not add "
+                f"one (a new token grows the vocabulary and the adapter would no longer fit the base). Name an "
+                f'existing token as "pad_token" (or "eos_token") in {Path(model_path) / "tokenizer_config.json"}.'
+            )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
@@ -80,7 +92,11 @@ def load_base_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ):
-    """A causal LM, quantised per `quantization_config` (built from quant_bits defaults when not given)."""
+    """A causal LM, quantised per `quantization_config` (built from quant_bits defaults when not given).
+
+    A quantised request is checked on the loaded layers: a 4-bit (8-bit) request that produced no 4-bit (8-bit)
+    bitsandbytes layer is an error, never a silently unquantised base.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantization_config is None and quant_bits == 4:
@@ -98,6 +114,12 @@ def load_base_model(
         )
     except OSError as error:
         raise ModelSourceError(f"cannot load model weights from {model_path}: {error}") from None
+    problem = quantisation_mismatch(requested_bits(quantization_config), count_quantised_layers(model))
+    if problem:
+        raise ModelSourceError(
+            f"{model_path}: {problem}. bitsandbytes quantises torch.nn.Linear layers only; train this model "
+            f"unquantised (quant_bits null) or with a base whose layers are nn.Linear."
+        )
     lora.bnb_cpu_fixes.disable_cpu_weight_repacking(model)
     return model
 
