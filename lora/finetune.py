@@ -101,7 +101,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
 
     from lora import artifacts
     from lora.adapter_io import ADAPTER_WEIGHTS
-    from lora.data import build_collator, build_datasets, check_template, file_sha256, load_rows
+    from lora.data import boundary_report, build_collator, build_datasets, check_template, file_sha256, load_rows
     from lora.model_building import (attach_adapter, build_quantization_config, check_init_adapter, load_base_model,
                                      load_tokenizer)
     from lora.model_source import resolve_model_source
@@ -156,6 +156,11 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         trainer, history = build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset,
                                          build_collator(tokenizer, recipe["packing"]),
                                          output_dir / artifacts.CHECKPOINT_DIR)
+    encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
+    if encoding["unclean_boundaries"]:
+        milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
+                  f"prompt and answer under prompt_template {recipe['prompt_template']!r} (the answer's first token "
+                  "merges with the prompt's end; run_summary.json lists them)")
     summary = {
         "status": "running",
         "recipe": recipe.name,
@@ -164,6 +169,7 @@ def run_recipe(recipe, output_dir: Path, *, overwrite: bool = False, resume: str
         "dataset_sha256": file_sha256(recipe["dataset_path"]),
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
+        "encoding": encoding,
         "world_size": state.num_processes,
         "library_versions": artifacts.library_versions(),
         "git_commit": artifacts.git_commit(Path(__file__).resolve().parents[1]),
