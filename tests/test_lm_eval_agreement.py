@@ -63,8 +63,8 @@ def lm_eval_choices(samples: list[dict]) -> list[str]:
     """The label lm-eval picked per document (argmax of its log-likelihoods, first of equal ones), in doc order."""
     picked = {}
     for sample in samples:
-        log_likelihoods = [response[0][0] for response in sample["filtered_resps"]] if isinstance(
-            sample["filtered_resps"][0], list) else [response[0] for response in sample["filtered_resps"]]
+        # (log-likelihood, is_greedy) per label; the CLI's samples file writes both as strings
+        log_likelihoods = [float(response[0]) for response in sample["filtered_resps"]]
         picked[sample["doc_id"]] = sample["doc"]["choices"][max(range(len(log_likelihoods)),
                                                                 key=log_likelihoods.__getitem__)]
     return [picked[i] for i in range(len(picked))]
@@ -106,3 +106,25 @@ def test_lm_eval_cli_with_peft_on_the_unquantised_base_agrees(trained, tiny_mode
     samples = [json.loads(line) for line in next(out.rglob(f"samples_{trained['name']}_*.jsonl")).read_text()
                .splitlines()]
     assert_agreement(trained, scores["accuracy,none"], scores["weighted_f1,none"], lm_eval_choices(samples))
+
+
+def test_export_replaces_its_own_folder_and_refuses_any_other(tmp_path, tiny_model_dir):
+    from lora.errors import UserError
+
+    prepared = prepare_tasks(["sentiment", "calc"], limit=4)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    items = [(task, rows, task_targets(task, rows)) for task, rows in prepared]
+    export = tmp_path / "tasks"
+    assert export_tasks(items, export, template="chat", tokenizer=tokenizer) == ["lora_recipes_sentiment",
+                                                                                  "lora_recipes_calc"]
+    documents = [json.loads(line) for line in (export / "lora_recipes_calc.jsonl").read_text().splitlines()]
+    assert documents[0]["prompt"].endswith("<|assistant|>")  # the rule's generation prompt, chat turn rendered
+    assert documents[0]["expected"] == float(items[1][1][0]["target"])
+    assert "output_type: generate_until" in (export / "lora_recipes_calc.yaml").read_text()
+    export_tasks(items[:1], export, template="plain", tokenizer=tokenizer)  # an earlier export is replaced whole
+    assert not (export / "lora_recipes_calc.yaml").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not an lm-eval export written by this tool"):
+        export_tasks(items, tmp_path / "other", template="plain", tokenizer=tokenizer)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
