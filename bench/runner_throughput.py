@@ -191,10 +191,12 @@ def time_bare_loop(trainer) -> list[float]:
 
 
 def answer_tokens_per_example(recipe, tokenizer) -> float:
-    from lora.data import encode_answer, load_rows
+    from lora.data import encode_completion, load_rows
 
     rows = load_rows(recipe["dataset_path"])
-    return statistics.fmean(len(encode_answer(row["target"], recipe["prompt_template"], tokenizer)) for row in rows)
+    template = recipe["prompt_template"]
+    return statistics.fmean(len(encode_completion(row["context"], row["target"], template, tokenizer).answer_ids)
+                            for row in rows)
 
 
 def peak_memory_bytes() -> int:

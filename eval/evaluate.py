@@ -8,6 +8,7 @@
     python eval/evaluate.py --recipe sentiment_smollm2_135m_4bits_r8_dora --base-only  # its base, zero-shot
     python eval/evaluate.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct --tasks sentiment --quant-bits 4
     python eval/evaluate.py --base-model DIR --tasks mytask --data mytask=my_test.jsonl --mode generate
+    python eval/evaluate.py --adapter outputs/RECIPE --tasks sentiment --export-lm-eval lm_eval_tasks  # for lm-eval
 
 --adapter reads the base model, its quantisation (quant_bits, bnb settings, dtype) and the prompt template from
 the adapter's recipe.json, so the adapter is scored on the base and the prompts it was trained with; --quant-bits
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --adapter/--recipe: also score the same base with the adapter switched off "
                              "(results in <adapter>/eval_base) and print base vs adapter")
     parser.add_argument("--task-registry", help="task registry (default: eval/tasks.json)")
+    parser.add_argument("--export-lm-eval", metavar="DIR",
+                        help="write the tasks as an lm-eval task folder (prompts under the adapter's template) "
+                             "for lm_eval --include_path DIR, print the command, and score nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list tasks and suites and exit")
     args = parser.parse_args(argv)
@@ -161,6 +165,39 @@ def quantisation_settings(settings: dict, quant_bits_flag: str | None) -> dict:
     return fields
 
 
+def tokenizer_folder(plan: dict) -> str:
+    """The adapter's own tokenizer (saved with it by the runner) when it has one, else the base model's."""
+    adapter = plan["adapter"]
+    has_tokenizer = adapter is not None and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    return str(adapter) if has_tokenizer else str(plan["path"])
+
+
+def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, limit: int | None) -> int:
+    """--export-lm-eval: write the task folder and print the lm_eval command that scores this adapter on it."""
+    from eval.harness import prepare_tasks, task_targets
+    from eval.lm_eval_export import export_tasks
+    from lora.model_building import load_tokenizer
+
+    prepared = prepare_tasks(task_names, data_overrides=parse_data_overrides(args.data), registry=args.task_registry,
+                             limit=limit)
+    tokenizer = load_tokenizer(tokenizer_folder(plan))
+    source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
+    names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
+                         template=template, tokenizer=tokenizer, source=source)
+    model_args = f"pretrained={plan['path']}"
+    if plan["adapter"]:
+        model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan)}"
+    print(f"wrote {len(names)} lm-eval task(s) to {Path(args.export_lm_eval).resolve()} (prompt template "
+          f"{json.dumps(template)}). Score them with:\n"
+          f"  lm_eval --model hf --model_args {model_args} --include_path {Path(args.export_lm_eval).resolve()} "
+          f"--tasks {','.join(names)}")
+    if plan["settings"].get("quant_bits") in (4, 8):
+        print("(that base loads unquantised: lm-eval's load_in_4bit fails under transformers 5; to score the "
+              "quantised model, hand the loaded model to lm_eval.models.huggingface.HFLM(pretrained=model), "
+              "as README.md shows)")
+    return 0
+
+
 def load_model(plan: dict, quant_bits_flag: str | None):
     """(model, tokenizer) for the plan: base (quantised as planned) with the adapter attached when there is one."""
     from lora.model_building import build_quantization_config, load_base_model, load_tokenizer
@@ -174,8 +211,7 @@ def load_model(plan: dict, quant_bits_flag: str | None):
     except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(f"cannot load the base model {plan['model']} from {plan['path']}: {error}") from None
     adapter = plan["adapter"]
-    has_tokenizer = adapter is not None and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else plan["path"])
+    tokenizer = load_tokenizer(tokenizer_folder(plan))
     if adapter is None:
         return model, tokenizer
     from peft import PeftModel
@@ -230,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     from lora.data import check_template
 
     check_template(template)
+    if args.export_lm_eval:
+        return export_for_lm_eval(plan, task_names, args, template, limit)
     # Unreadable rows, missing files and taken result paths fail here too, before the model loads.
     prepared = prepare_tasks(task_names, data_overrides=data_overrides, registry=args.task_registry, limit=limit,
                              quiet=True)

@@ -23,7 +23,7 @@ from lora.data import (
     answer_suffix,
     check_template,
     data_file_problem,
-    encode_answer,
+    encode_completion,
     encode_prompt,
     file_sha256,
     load_rows,
@@ -129,19 +129,22 @@ def count_unparsed(task: Task, raws: list[str], predictions: list) -> int:
 def score_task(model, tokenizer, task: Task, rows: list[dict], *, prompt_template: str, mode: str, batch_size: int,
                progress: bool) -> tuple[dict, list[dict]]:
     """Metrics and per-example predictions of one task on `rows` (already limited)."""
-    from eval.scoring import generate_greedy, score_choices  # torch: imported only once there is a model
+    from eval.scoring import generate_greedy, score_row_choices  # torch: imported only once there is a model
 
     keep = prompt_token_budget(model, task)
-    prompts = [encode_prompt(row["context"], prompt_template, tokenizer)[-keep:] for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = _Progress(progress, len(rows), f"{task.name} ({mode})")
     try:
         if mode == "choice":
-            choices = [encode_answer(label, prompt_template, tokenizer, close=False) for label in task.labels]
-            scores = score_choices(model, prompts, choices, pad_id=pad_id, batch_size=batch_size,
-                                   on_batch=bar.update)
+            pairs = [[encode_completion(row["context"], label, prompt_template, tokenizer, close=False)
+                      for label in task.labels] for row in rows]
+            unclean = sum(not all(pair.clean for pair in row_pairs) for row_pairs in pairs)
+            scores = score_row_choices(model, [[(pair.prompt_ids[-keep:], pair.answer_ids) for pair in row_pairs]
+                                               for row_pairs in pairs],
+                                       pad_id=pad_id, batch_size=batch_size, on_batch=bar.update)
             raws = [None] * len(rows)
         else:
+            prompts = [encode_prompt(row["context"], prompt_template, tokenizer)[-keep:] for row in rows]
             outputs = generate_greedy(model, prompts, max_new_tokens=task.max_new_tokens, pad_id=pad_id,
                                       stop_ids=stop_token_ids(tokenizer, prompt_template), batch_size=batch_size,
                                       on_batch=bar.update)
@@ -177,6 +180,8 @@ def score_task(model, tokenizer, task: Task, rows: list[dict], *, prompt_templat
 
     if mode == "generate":
         result["unparsed"] = count_unparsed(task, raws, predictions)
+    else:
+        result["unclean_boundaries"] = unclean  # rows where a label's first token merged with the prompt's end
     for i, row in enumerate(rows):
         record = {"id": row.get("id", i), "target": row["target"], "prediction": predictions[i],
                   "raw": raws[i], "correct": bool(correct[i])}

@@ -139,8 +139,9 @@ def score_choices(
     """Summed log-probability of each label continuation after each prompt: [example][label].
 
     Args:
-        prompts: token ids of each prompt (lora.data.encode_prompt).
-        choices: token ids of each label (lora.data.encode_answer(label, close=False)); none may be empty.
+        prompts: token ids of each prompt.
+        choices: token ids of each label, the same after every prompt (see `score_row_choices` for labels encoded
+            with their prompt, as lora.data does); none may be empty.
         on_batch: called with the number of examples done after each forward (progress bars).
         share_prefix: run the prompts' common token prefix once and reuse its cache (same scores, less work).
     """
@@ -165,6 +166,42 @@ def score_choices(
             scores[row] = total
         if on_batch:
             on_batch(len(batch))
+    return scores
+
+
+@torch.no_grad()
+def score_row_choices(
+    model,
+    rows: list[list[tuple[list[int], list[int]]]],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """`score_choices` for labels encoded with each row's prompt (lora.data.encode_completion): [example][label].
+
+    Args:
+        rows: per example, per label, (prompt ids, label ids) as the whole text "prompt + label" splits.
+
+    The label ids almost never depend on the prompt, so examples are grouped by their labels' ids and each group
+    is one `score_choices` call. An example whose labels split the prompt differently (a token straddling an
+    unclean boundary) is scored one label at a time, each after its own prompt ids.
+    """
+    scores: list[list[float] | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for index, pairs in enumerate(rows):
+        if len({tuple(prompt) for prompt, _ in pairs}) == 1:
+            groups.setdefault(tuple(tuple(label) for _, label in pairs), []).append(index)
+            continue
+        scores[index] = [score_choices(model, [prompt], [label], pad_id=pad_id, share_prefix=False)[0][0]
+                         for prompt, label in pairs]
+        if on_batch:
+            on_batch(1)
+    for labels, members in groups.items():
+        prompts = [rows[i][0][0] for i in members]
+        for index, total in zip(members, score_choices(model, prompts, [list(label) for label in labels], pad_id=pad_id,
+                                                       batch_size=batch_size, on_batch=on_batch), strict=True):
+            scores[index] = total
     return scores
 
 

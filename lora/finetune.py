@@ -163,7 +163,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora import artifacts
     from lora.adapter_io import ADAPTER_WEIGHTS
-    from lora.data import build_collator, build_datasets, file_sha256, load_rows
+    from lora.data import boundary_report, build_collator, build_datasets, file_sha256, load_rows
     from lora.model_building import attach_adapter, build_quantization_config, load_base_model, load_tokenizer
     from lora.quantised_layers import count_quantised_layers
     from lora.tracking import finish_tracking
@@ -230,6 +230,12 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state) -> Ru
         trainer, history = build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset,
                                          build_collator(tokenizer, recipe["packing"]),
                                          output_dir / artifacts.CHECKPOINT_DIR)
+    encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
+    if encoding["unclean_boundaries"]:
+        milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
+                  f"prompt and answer under prompt_template {recipe['prompt_template']!r} (the answer's first token "
+                  "merges with the prompt's end; run_summary.json lists them)")
+    summary["encoding"] = encoding
     milestone(f"training: {trainer.args.max_steps if trainer.args.max_steps > 0 else recipe['num_epochs']} "
               f"{'steps' if trainer.args.max_steps > 0 else 'epoch(s)'}, "
               f"batch {recipe['batch_size']} x {recipe['gradient_accumulation_steps']} accumulation")

@@ -8,8 +8,9 @@ recipe's `reward_functions` (lora/rewards.py), and raises the likelihood of the 
 mean reward. With `kl_beta` > 0 a KL term keeps the policy near the reference policy, which is the frozen base with
 the adapter switched off (peft's `disable_adapter`): no second copy of the model and no copy of the adapter is held.
 
-Prompts are the rows' contexts under the recipe's `prompt_template` (lora.data.prompt_text), the same text the
-evaluation harness scores; each row's `target` reaches the reward functions.
+Prompts are the rows' contexts under the recipe's `prompt_template` (lora.data.prompt_text), encoded by the rule
+training, the evaluation harness and the server share (lora.data.encode_prompt_text: trailing whitespace left for
+the answer); each row's `target` reaches the reward functions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from lora.data import check_template, prompt_text
+from lora.data import adds_special_tokens, check_template, encode_prompt_text, prompt_text
 from lora.rewards import build_trl_reward, infer_labels
 from lora.training import (
     ProgressAndGuard,
@@ -84,6 +85,14 @@ class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
     step is checkpointed; and the completion tokens trained on counted as the run record's answer tokens."""
 
     completion_tokens_seen = 0
+    prompt_template = "plain"  # set by build_grpo_trainer: how its text prompts are encoded
+
+    def _tokenize_prompts(self, prompts: list):
+        # The dataset's prompts are rendered texts (chat turns included): encode them by the shared rule rather than
+        # TRL's own tokenisation, so a sampled answer starts where a trained and a scored one does.
+        ids = [encode_prompt_text(prompt, self.processing_class,
+                                  add_special_tokens=adds_special_tokens(self.prompt_template)) for prompt in prompts]
+        return ids, None, {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # GRPO batches carry completion masks, not SFT labels: skip RecipeTrainer's label counting.
@@ -123,8 +132,8 @@ def build_grpo_config(recipe, checkpoint_dir: Path) -> GRPOConfig:
 
 
 def build_prompt_dataset(recipe, tokenizer, rows: list[dict]):
-    """A `datasets.Dataset` with TRL's "prompt" column (a chat conversation for the chat template, else text) plus
-    every row column (target, context, ...), which TRL hands to the reward functions."""
+    """A `datasets.Dataset` with TRL's "prompt" column (the prompt text, chat template applied) plus every row column
+    (target, context, ...), which TRL hands to the reward functions."""
     from datasets import Dataset
 
     template = recipe["prompt_template"]
@@ -133,11 +142,7 @@ def build_prompt_dataset(recipe, tokenizer, rows: list[dict]):
     random.Random(recipe["seed"]).shuffle(rows)
     if recipe["max_train_examples"]:
         rows = rows[: recipe["max_train_examples"]]
-    if template == "chat":
-        # TRL applies the chat template itself (with the generation prompt), as lora.data.encode_prompt does.
-        prompts = [[{"role": "user", "content": row["context"]}] for row in rows]
-    else:
-        prompts = [prompt_text(row["context"], template, tokenizer) for row in rows]
+    prompts = [prompt_text(row["context"], template, tokenizer) for row in rows]
     return Dataset.from_list([{**row, "prompt": prompt} for row, prompt in zip(rows, prompts)])
 
 
@@ -183,6 +188,7 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
         callbacks=[progress, RewardLog(history, progress)],
     )
     trainer.history = history  # RecipeTrainer's non-finite guard records into it
+    trainer.prompt_template = recipe["prompt_template"]
     use_recipe_callbacks(trainer)
     if not recipe["init_adapter"]:
         use_base_as_reference(trainer.model)

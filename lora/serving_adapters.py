@@ -25,6 +25,7 @@ import torch
 
 import lora.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 from lora.adapter_io import AdapterError, read_adapter_records, read_adapter_weights, refuse_if_normalised
+from lora.data import encode_prompt_text
 from lora.errors import UserError, did_you_mean
 
 BASE_ROUTE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -270,8 +271,12 @@ class AdapterHost:
     # ---- generation -----------------------------------------------------------------------------------------
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
-        """Token ids of a prompt; `BadRequestError` when empty or when prompt + completion exceed the context."""
-        prompt_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        """Token ids of a prompt; `BadRequestError` when empty or when prompt + completion exceed the context.
+
+        Encoded by the rule training uses (lora.data): trailing whitespace is left for the completion, so a prompt
+        ending in "Answer: " is continued with the token " positive" the adapter learned, not after a lone " ".
+        """
+        prompt_ids = encode_prompt_text(text, self.tokenizer, add_special_tokens=True)
         if not prompt_ids:
             raise BadRequestError("the prompt is empty (it encodes to no tokens); send at least one character.")
         requested = len(prompt_ids) + max_new_tokens

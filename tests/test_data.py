@@ -10,10 +10,11 @@ from lora.data import (
     IGNORE_INDEX,
     answer_suffix,
     build_collator,
-    encode_answer,
+    encode_completion,
     encode_example,
     encode_prompt,
     load_rows,
+    prompt_text,
 )
 from lora.errors import DataError
 
@@ -52,11 +53,11 @@ ROW = {"context": "Instruction: What is the sentiment?\nInput: Shares rose.\nAns
 def test_loss_sees_only_the_answer_and_its_end(tokenizer, template):
     example = encode_example(ROW, template, tokenizer, max_seq_length=512)
     prompt = encode_prompt(ROW["context"], template, tokenizer)
-    answer = encode_answer(ROW["target"], template, tokenizer)
-    assert example["input_ids"] == prompt + answer
+    answer = example["input_ids"][len(prompt):]
     assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer
-    answer_text = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
-    assert answer_text == ROW["target"] + answer_suffix(template, tokenizer)
+    # the answer is the target and its closing text, led by the whitespace the prompt ended with
+    text = prompt_text(ROW["context"], template, tokenizer)
+    assert tokenizer.decode(answer) == text[len(text.rstrip()):] + ROW["target"] + answer_suffix(template, tokenizer)
 
 
 def test_chat_template_wraps_the_context_as_a_user_turn(tokenizer):
@@ -68,10 +69,10 @@ def test_chat_template_wraps_the_context_as_a_user_turn(tokenizer):
 def test_long_prompts_lose_their_left_end_not_the_answer(tokenizer):
     long_row = {"context": "filler words " * 100 + ROW["context"], "target": "negative"}
     example = encode_example(long_row, "plain", tokenizer, max_seq_length=32)
-    answer = encode_answer("negative", "plain", tokenizer)
+    answer = encode_completion(long_row["context"], "negative", "plain", tokenizer).answer_ids
     assert len(example["input_ids"]) == 32
     assert example["input_ids"][-len(answer):] == answer
-    assert tokenizer.decode(example["input_ids"][: 32 - len(answer)]).endswith("Answer: ")
+    assert tokenizer.decode(example["input_ids"][: 32 - len(answer)]).endswith("Answer:")
 
 
 def test_packed_batch_gives_the_same_loss_as_padded(tiny_model_dir, tokenizer):

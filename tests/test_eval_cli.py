@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from eval.scoring import score_choices
-from lora.data import encode_answer, encode_prompt
+from eval.scoring import score_row_choices
+from lora.data import encode_completion
 from lora.model_building import build_quantization_config, load_base_model, load_tokenizer
 
 LABELS = ["negative", "neutral", "positive"]
@@ -85,11 +85,12 @@ def test_adapter_is_scored_on_its_recorded_base_quantisation_and_template(repo_r
     tokenizer = load_tokenizer(str(adapter_dir))
     base = load_base_model(str(tiny_model_dir), 4, quantization_config=build_quantization_config(RECIPE)).eval()
     rows = [json.loads(line) for line in sentiment_file.read_text().splitlines()][:6]
-    prompts = [encode_prompt(row["context"], "chat", tokenizer) for row in rows]
-    choices = [encode_answer(label, "chat", tokenizer, close=False) for label in LABELS]
-    base_scores = torch.tensor(score_choices(base, prompts, choices, pad_id=tokenizer.pad_token_id))
+    pairs = [[(pair.prompt_ids, pair.answer_ids) for pair in
+              (encode_completion(row["context"], label, "chat", tokenizer, close=False) for label in LABELS)]
+             for row in rows]
+    base_scores = torch.tensor(score_row_choices(base, pairs, pad_id=tokenizer.pad_token_id))
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    adapter_scores = torch.tensor(score_choices(adapted, prompts, choices, pad_id=tokenizer.pad_token_id))
+    adapter_scores = torch.tensor(score_row_choices(adapted, pairs, pad_id=tokenizer.pad_token_id))
     def as_tensor(score_dicts):
         return torch.tensor([[scores[label] for label in LABELS] for scores in score_dicts])
 

@@ -16,7 +16,7 @@ from eval.scoring import (
     score_choices,
     score_choices_one_row_per_label,
 )
-from lora.data import encode_answer, encode_prompt
+from lora.data import encode_completion, encode_prompt
 from lora.model_building import load_base_model, load_tokenizer
 
 LABELS = ["negative", "neutral", "positive"]
@@ -45,8 +45,10 @@ def test_shared_prefix_scores_equal_one_row_per_label(tiny_model_dir, tokenizer,
     model = load_base_model(str(tiny_model_dir), quant_bits).eval()
     labels = LABELS + ["strong buy on revenue"]  # a multi-token label exercises the per-label mask
     for template in ("plain", "chat"):
-        prompts = [encode_prompt(row["context"], template, tokenizer) for row in sentiment_rows(7)]
-        choices = [encode_answer(label, template, tokenizer, close=False) for label in labels]
+        rows = sentiment_rows(7)
+        prompts = [encode_prompt(row["context"], template, tokenizer) for row in rows]
+        choices = [encode_completion(rows[0]["context"], label, template, tokenizer, close=False).answer_ids
+                   for label in labels]
         assert max(len(c) for c in choices) > 1
         assert common_prefix_length(prompts) >= MIN_SHARED_PREFIX  # the cross-example prefix cache is used
         shared = torch.tensor(score_choices(model, prompts, choices, pad_id=tokenizer.pad_token_id, batch_size=3))

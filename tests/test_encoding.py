@@ -1,0 +1,100 @@
+"""The one encoding rule: every bundled row, both templates, the tiny and the real SmolLM2 tokenizer, trains on the
+ids the tokenizer gives the whole text, and the prompt's ids are a prefix of them (lm-eval splits the same way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from lora.data import (
+    IGNORE_INDEX,
+    adds_special_tokens,
+    answer_suffix,
+    boundary_report,
+    encode_completion,
+    encode_example,
+    encode_prompt,
+    load_rows,
+    prompt_text,
+)
+from lora.model_building import load_tokenizer
+
+SMOLLM2 = Path("~/.cache/lora-recipes/models/SmolLM2-135M-Instruct").expanduser()
+BUNDLED = sorted((REPO_ROOT / "data").glob("t*/*.jsonl"))
+TEMPLATES = ("plain", "chat")
+# FinLoRA's own row format: the context ends in "Answer: " and the target is the bare answer.
+FINLORA_ROW = {"context": "Instruction: What is the sentiment of this news? Please choose an answer from "
+                          "{negative/neutral/positive}.\nInput: Profit fell.\nAnswer: ", "target": "neutral"}
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def tokenizer(request, tiny_model_dir):
+    if request.param == "tiny":
+        return load_tokenizer(str(tiny_model_dir))
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOLLM2} (python lora/model_source.py "
+                    "HuggingFaceTB/SmolLM2-135M-Instruct)")
+    return load_tokenizer(str(SMOLLM2))
+
+
+def whole_text_ids(row, template, tokenizer) -> list[int]:
+    text = prompt_text(row["context"], template, tokenizer) + row["target"] + answer_suffix(template, tokenizer)
+    return tokenizer(text, add_special_tokens=adds_special_tokens(template))["input_ids"]
+
+
+def test_bundled_data_is_there():
+    assert {path.parent.name for path in BUNDLED} == {"train", "test"} and len(BUNDLED) == 6
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_trained_ids_are_the_whole_texts_ids_with_the_prompt_as_prefix(tokenizer, path, template):
+    rows = load_rows(path) + [FINLORA_ROW]
+    for row in rows:
+        example = encode_example(row, template, tokenizer, max_seq_length=4096)
+        whole = whole_text_ids(row, template, tokenizer)
+        prompt = encode_prompt(row["context"], template, tokenizer)
+        assert example["input_ids"] == whole, row
+        assert whole[: len(prompt)] == prompt, row
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt) + whole[len(prompt):], row
+    assert boundary_report(rows, template, tokenizer)["unclean_boundaries"] == 0
+
+
+def test_the_space_before_the_answer_is_part_of_its_first_token():
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOLLM2}")
+    tokenizer = load_tokenizer(str(SMOLLM2))
+    example = encode_example(FINLORA_ROW, "plain", tokenizer, max_seq_length=4096)
+    answer = [token for token in example["labels"] if token != IGNORE_INDEX]
+    # the issue's case: ":" then "Ġneutral", never ":" "Ġ" "neutral"
+    assert tokenizer.convert_ids_to_tokens(answer) == ["Ġneutral", "<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens(example["input_ids"][len(example["input_ids"]) - 3:-2]) == [":"]
+
+
+def test_a_boundary_that_cannot_be_split_is_reported_and_still_trains_on_the_whole_text(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    row = {"context": "Answer: posit", "target": "ive"}  # the prompt ends inside the word the answer finishes
+    pair = encode_completion(row["context"], row["target"], "plain", tokenizer)
+    assert not pair.clean
+    assert pair.input_ids == whole_text_ids(row, "plain", tokenizer)
+    assert tokenizer.decode(pair.answer_ids).startswith(" posit")  # the straddling token is trained as answer
+    assert encode_prompt(row["context"], "plain", tokenizer)[: pair.answer_start] == pair.prompt_ids
+    report = boundary_report([FINLORA_ROW, row], "plain", tokenizer)
+    assert report["unclean_boundaries"] == 1 and report["unclean_rows"] == [1] and report["rows"] == 2
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
+    from lm_eval.models.huggingface import HFLM
+
+    from lora.model_building import load_base_model
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lm = HFLM(pretrained=load_base_model(str(tiny_model_dir), None), tokenizer=tokenizer, batch_size=1)
+    for row in load_rows(REPO_ROOT / "data/test/sentiment_test.jsonl")[:20]:
+        text = prompt_text(row["context"], template, tokenizer)
+        for label in ("negative", "neutral", "positive"):
+            pair = encode_completion(row["context"], label, template, tokenizer, close=False)
+            assert lm._encode_pair(text, label) == (pair.prompt_ids, pair.answer_ids)
