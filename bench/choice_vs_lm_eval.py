@@ -3,8 +3,8 @@
     python bench/choice_vs_lm_eval.py --adapter outputs/sentiment_smollm2_135m_4bits_r8_dora --task sentiment
 
 The adapter is loaded once (its recorded base and quantisation, as eval/evaluate.py does); the task is exported for
-lm-eval (eval/lm_eval_export.py) and scored by `lm_eval.simple_evaluate(HFLM(pretrained=model))` and by
-eval.harness.evaluate_tasks in choice mode. Prints examples/s and accuracy of each, and how often they chose the
+lm-eval (eval/harness/lm_eval_export.py) and scored by `lm_eval.simple_evaluate(HFLM(pretrained=model))` and by
+eval.harness.evaluation.evaluate_tasks in choice mode. Prints examples/s and accuracy of each, and how often they chose the
 same label.
 """
 
@@ -32,9 +32,10 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from eval.evaluate import load_model, model_plan, parse_args
-    from eval.harness import evaluate_tasks, prepare_tasks, task_targets
-    from eval.lm_eval_export import export_tasks
+    from eval.evaluate import parse_args
+    from eval.harness.evaluation import evaluate_tasks, prepare_tasks, task_targets
+    from eval.harness.lm_eval_export import export_tasks
+    from eval.harness.model_plan import load_model, model_plan
 
     plan = model_plan(parse_args(["--adapter", args.adapter]))
     model, tokenizer = load_model(plan, None)

@@ -129,7 +129,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
 
-    import lora.bnb_cpu_fixes  # noqa: F401  (before any model loads)
+    import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -224,7 +224,7 @@ def build_variant(args, checkpoint: Path, base: str, method: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora.fast_dora import enable_fast_dora
+    from lora.adapters.fast_dora import enable_fast_dora
 
     model = load_model(checkpoint, base, args.device)
     torch.manual_seed(1)

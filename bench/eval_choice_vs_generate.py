@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import evaluate as evaluate_cli  # noqa: E402
-from lora.errors import UserError, exit_on_user_error  # noqa: E402
+from eval.harness import model_plan as evaluate_cli  # noqa: E402
+from lora.core.errors import UserError, exit_on_user_error  # noqa: E402
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from eval import scoring
-    from eval.harness import prepare_tasks, score_task
+    from eval.harness import choices as scoring
+    from eval.harness.evaluation import prepare_tasks, score_task
 
     data = {args.task: args.data} if args.data else None
     prepared = prepare_tasks([args.task], data_overrides=data, limit=args.limit)

@@ -23,7 +23,7 @@ What runs, one after the other, each in its own process with the same threads (O
   token, no step-0 evaluation, fp32 compute, the recipe's prompt text, adamw_torch).
 A probe (installed through a sitecustomize.py on PYTHONPATH, in both tools' processes alike) times every optimizer
 step, records the losses and gradient norms the Trainer logs, and counts the bitsandbytes 4-bit/8-bit layers of the
-model the Trainer really trains (lora/quantised_layers.py, the rule the runner itself checks with). Peak memory
+model the Trainer really trains (lora/models/quantisation.py, the rule the runner itself checks with). Peak memory
 is the peak resident set of the tool's process tree (wait4), plus torch.cuda.max_memory_allocated on a GPU. Each
 saved adapter is then loaded onto the plain (unquantised) base with this venv's peft, strictly.
 """
@@ -582,8 +582,8 @@ def main(argv=None) -> int:
     import torch
     import yaml
 
-    from lora.model_source import resolve_model_source
-    from lora.recipes import resolve_recipe
+    from lora.models.source import resolve_model_source
+    from lora.recipes.registry import resolve_recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     recipe = resolve_recipe(args.recipe)

@@ -9,7 +9,7 @@ the seed-style baseline and with a bare torch loop doing the runner's steps.
 Three variants train the same recipe (model, quantisation, adapter config, data order, batch size, optimizer
 settings), each in a process of its own so that its peak memory is its own:
 
-- runner: the Trainer exactly as `lora/finetune.py` builds it (lora.model_building + lora.data + lora.training:
+- runner: the Trainer exactly as `lora/finetune.py` builds it (lora.models.loading + lora.prompts.templates + lora.training.sft:
   dynamic padding, loss on the answer only with the output head run at answer positions, fast DoRA).
 - seed-style: peft's `examples/dora_finetuning/dora_finetuning.py` approach: the stock Trainer, every example
   (prompt + answer) padded to 512 tokens, labels = input_ids (DataCollatorForLanguageModeling: loss on the whole
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 
 def resolved_recipe(args, **extra):
-    from lora.recipes import resolve_recipe
+    from lora.recipes.registry import resolve_recipe
 
     steps = args.warmup + (args.baseline_steps if args.variant == "seed-style" else args.steps)
     overrides = [*args.overrides, f"max_steps={steps}", "eval_tasks=[]", "save_steps=null", "logging_steps=1000"]
@@ -79,8 +79,10 @@ def resolved_recipe(args, **extra):
 
 
 def load_model(recipe):
-    from lora.model_building import attach_adapter, build_quantization_config, load_base_model
-    from lora.model_source import resolve_model_source
+    from lora.adapters.attach import attach_adapter
+    from lora.models.loading import load_base_model
+    from lora.models.quantisation import build_quantization_config
+    from lora.models.source import resolve_model_source
 
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     model = load_base_model(source.path, recipe["quant_bits"], quantization_config=build_quantization_config(recipe),
@@ -89,9 +91,9 @@ def load_model(recipe):
 
 
 def runner_trainer(recipe, scratch: Path):
-    from lora.data import build_collator, build_datasets
-    from lora.model_building import load_tokenizer
-    from lora.training import build_trainer
+    from lora.models.loading import load_tokenizer
+    from lora.training.sft import build_trainer
+    from lora.training.sft_data import build_collator, build_datasets
 
     source, model = load_model(recipe)
     tokenizer = load_tokenizer(source.path)
@@ -106,9 +108,10 @@ def seed_style_trainer(args, recipe, scratch: Path):
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer
 
-    from lora.data import answer_suffix, load_rows, prompt_text
-    from lora.model_building import load_tokenizer
-    from lora.training import build_training_arguments
+    from lora.models.loading import load_tokenizer
+    from lora.prompts.rows import load_rows
+    from lora.prompts.templates import answer_suffix, prompt_text
+    from lora.training.sft import build_training_arguments
 
     source, model = load_model(recipe)
     tokenizer = load_tokenizer(source.path)
@@ -162,7 +165,7 @@ def time_bare_loop(trainer) -> list[float]:
     import torch
     from transformers import Trainer, get_scheduler
 
-    from lora.training import answer_only_loss
+    from lora.training.sft import answer_only_loss
 
     model, args = trainer.model, trainer.args
     optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -191,7 +194,8 @@ def time_bare_loop(trainer) -> list[float]:
 
 
 def answer_tokens_per_example(recipe, tokenizer) -> float:
-    from lora.data import encode_completion, load_rows
+    from lora.prompts.rows import load_rows
+    from lora.prompts.templates import encode_completion
 
     rows = load_rows(recipe["dataset_path"])
     template = recipe["prompt_template"]
@@ -210,7 +214,7 @@ def peak_memory_bytes() -> int:
 def run_variant(args) -> dict:
     import torch
 
-    import lora.bnb_cpu_fixes  # noqa: F401  (before any model loads)
+    import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging

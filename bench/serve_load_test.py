@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
-from lora.serving_guards import API_KEY_ENV  # noqa: E402
+from lora.serving.guards import API_KEY_ENV  # noqa: E402
 
 PROMPTS = [
     "Instruction: What is the sentiment of this news? Answer: ",
@@ -105,7 +105,7 @@ def tiny_setup(work_dir: Path) -> tuple[str, list[str]]:
 
 
 def smollm2_setup(work_dir: Path) -> tuple[str, list[str]]:
-    from lora.model_source import resolve_model_source
+    from lora.models.source import resolve_model_source
 
     base = Path(resolve_model_source(SMOLLM2_ID).path)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]

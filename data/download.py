@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.tasks import expand_task_names, load_tasks  # noqa: E402
-from lora.data import file_sha256, load_rows  # noqa: E402
-from lora.errors import UserError, exit_on_user_error  # noqa: E402
+from eval.harness.tasks import expand_task_names, load_tasks  # noqa: E402
+from lora.core.errors import UserError, exit_on_user_error  # noqa: E402
+from lora.prompts.rows import file_sha256, load_rows  # noqa: E402
 
 TIMEOUT_S = 30
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"

@@ -21,22 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # run as a script: the project's packages import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.tasks import (  # noqa: E402
-    expand_task_names,
-    load_suites,
-    load_tasks,
-    parse_data_overrides,
-)
-from lora.errors import ModelSourceError, UserError, exit_on_user_error  # noqa: E402
+from eval.harness.model_plan import QUANT_CHOICES, REPO_ROOT, export_for_lm_eval, load_model, model_plan
+from eval.harness.tasks import expand_task_names, load_suites, load_tasks, parse_data_overrides
+from lora.core.errors import UserError, exit_on_user_error
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-QUANT_CHOICES = {"4": 4, "8": 8, "none": None, "16": None, "32": None}
 TABLE_METRICS = ("accuracy", "weighted_f1", "macro_f1", "entity_f1", "unparsed")
 
 
@@ -96,140 +90,6 @@ def list_tasks(registry: str | None) -> str:
     return "\n".join(lines)
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip("/").split("/")[-1]) or "model"
-
-
-def model_plan(args: argparse.Namespace) -> dict:
-    """What to load: base model (name, path), quantisation recipe fields, template, adapter folder, tasks."""
-    from lora.adapter_io import read_adapter_records, refuse_if_normalised, resolve_base_model_path
-    from lora.model_source import resolve_model_source
-
-    if args.recipe:
-        from lora.artifacts import default_output_dir
-        from lora.recipes import resolve_recipe
-
-        recipe = resolve_recipe(args.recipe, args.registry)
-        record = recipe.to_record()
-        if not args.base_only:
-            adapter_dir = default_output_dir(recipe)
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise UserError(
-                    f'recipe "{recipe.name}" has no trained adapter at {adapter_dir} yet. Train it first '
-                    f"(python lora/finetune.py {recipe.name}), or add --base-only to score its base model."
-                )
-            args.adapter = str(adapter_dir)
-        else:
-            source = resolve_model_source(args.base_model or recipe["base_model"], recipe.registry_path.parent)
-            return {"model": source.name, "path": source.path, "origin": source.origin, "settings": record,
-                    "adapter": None, "default_tasks": record.get("eval_tasks") or [],
-                    "default_limit": record.get("eval_limit"),
-                    "out": Path(args.out) if args.out else default_output_dir(recipe) / "eval_base"}
-    if args.adapter:
-        refuse_if_normalised(args.adapter)
-        records = read_adapter_records(args.adapter)
-        try:
-            path, origin = resolve_base_model_path(args.adapter, args.base_model)
-        except ModelSourceError as error:
-            message = f"the base model of adapter {records.adapter_dir} cannot be loaded: {error}"
-            raise ModelSourceError(message) from None
-        settings = dict(records.recipe or {})
-        return {"model": args.base_model or records.base_model, "path": path, "origin": origin,
-                "settings": settings, "adapter": records.adapter_dir, "is_dora": records.is_dora,
-                "default_tasks": settings.get("eval_tasks") or [], "default_limit": settings.get("eval_limit"),
-                "out": Path(args.out) if args.out else records.adapter_dir / "eval"}
-    if not args.base_model:
-        raise UserError("say what to evaluate: --adapter FOLDER, --recipe NAME, or --base-model ID_OR_FOLDER "
-                        "(see python eval/evaluate.py --help).")
-    source = resolve_model_source(args.base_model, None)
-    bits = QUANT_CHOICES[args.quant_bits] if args.quant_bits else None
-    name = f"base_{slug(args.base_model)}" + (f"_{bits}bit" if bits else "")
-    return {"model": source.name, "path": source.path, "origin": source.origin, "settings": {"quant_bits": bits},
-            "adapter": None, "default_tasks": [], "default_limit": None,
-            "out": Path(args.out) if args.out else REPO_ROOT / "outputs" / name / "eval"}
-
-
-def quantisation_settings(settings: dict, quant_bits_flag: str | None) -> dict:
-    """recipe-like fields for lora.model_building.build_quantization_config (defaults where the record is silent)."""
-    fields = {"quant_bits": settings.get("quant_bits"),
-              "bnb_4bit_quant_type": settings.get("bnb_4bit_quant_type", "nf4"),
-              "bnb_4bit_use_double_quant": settings.get("bnb_4bit_use_double_quant", True),
-              "bnb_4bit_compute_dtype": settings.get("bnb_4bit_compute_dtype", "float32"),
-              "llm_int8_threshold": settings.get("llm_int8_threshold", 6.0),
-              "bnb_4bit_quant_storage": settings.get("bnb_4bit_quant_storage", "uint8"),
-              "dtype": settings.get("dtype", "float32")}
-    if quant_bits_flag is not None:
-        fields["quant_bits"] = QUANT_CHOICES[quant_bits_flag]
-    if fields["quant_bits"] not in (4, 8):
-        fields["quant_bits"] = None
-    return fields
-
-
-def tokenizer_folder(plan: dict) -> str:
-    """The adapter's own tokenizer (saved with it by the runner) when it has one, else the base model's."""
-    adapter = plan["adapter"]
-    has_tokenizer = adapter is not None and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
-    return str(adapter) if has_tokenizer else str(plan["path"])
-
-
-def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, limit: int | None) -> int:
-    """--export-lm-eval: write the task folder and print the lm_eval command that scores this adapter on it."""
-    from eval.harness import prepare_tasks, task_targets
-    from eval.lm_eval_export import export_tasks
-    from lora.model_building import load_tokenizer
-
-    prepared = prepare_tasks(task_names, data_overrides=parse_data_overrides(args.data), registry=args.task_registry,
-                             limit=limit)
-    tokenizer = load_tokenizer(tokenizer_folder(plan))
-    source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
-    names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
-                         template=template, tokenizer=tokenizer, source=source)
-    model_args = f"pretrained={plan['path']}"
-    if plan["adapter"]:
-        model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan)}"
-    print(f"wrote {len(names)} lm-eval task(s) to {Path(args.export_lm_eval).resolve()} (prompt template "
-          f"{json.dumps(template)}). Score them with:\n"
-          f"  lm_eval --model hf --model_args {model_args} --include_path {Path(args.export_lm_eval).resolve()} "
-          f"--tasks {','.join(names)}")
-    if plan["settings"].get("quant_bits") in (4, 8):
-        print("(that base loads unquantised: lm-eval's load_in_4bit fails under transformers 5; to score the "
-              "quantised model, hand the loaded model to lm_eval.models.huggingface.HFLM(pretrained=model), "
-              "as README.md shows)")
-    return 0
-
-
-def load_model(plan: dict, quant_bits_flag: str | None):
-    """(model, tokenizer) for the plan: base (quantised as planned) with the adapter attached when there is one."""
-    from lora.model_building import build_quantization_config, load_base_model, load_tokenizer
-
-    quant = quantisation_settings(plan["settings"], quant_bits_flag)
-    plan["quant_bits"] = quant["quant_bits"]
-    dtype = plan["settings"].get("dtype", "float32")
-    try:
-        model = load_base_model(plan["path"], quant["quant_bits"], quantization_config=build_quantization_config(quant),
-                                dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelSourceError(f"cannot load the base model {plan['model']} from {plan['path']}: {error}") from None
-    adapter = plan["adapter"]
-    tokenizer = load_tokenizer(tokenizer_folder(plan))
-    if adapter is None:
-        return model, tokenizer
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise UserError(
-            f"the adapter {adapter} does not fit the base model {plan['model']} ({plan['path']}): "
-            f"{str(error).splitlines()[0]}. Pass the base it was trained on with --base-model."
-        ) from None
-    if plan.get("is_dora"):
-        from lora.fast_dora import enable_fast_dora
-
-        enable_fast_dora(model)  # same outputs as peft's DoRA; in eval mode the per-row norms are cached
-    return model, tokenizer
-
-
 def format_results(results: dict[str, dict]) -> str:
     columns = ["task", "mode", "n", *[m for m in TABLE_METRICS if any(m in r for r in results.values())], "ex/s"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -262,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.limit or plan["default_limit"]
     mode = args.mode or plan["settings"].get("eval_mode")  # else the recipe's, as the runner scored it
 
-    from eval.harness import evaluate_tasks, prepare_tasks
-    from lora.data import check_template
+    from eval.harness.evaluation import evaluate_tasks, prepare_tasks
+    from lora.prompts.templates import check_template
 
     check_template(template)
     if args.export_lm_eval:
@@ -301,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                           batch_size=args.batch_size, mode=mode, out_dir=base_out,
                                           data_overrides=data_overrides, progress=not args.no_progress,
                                           registry=args.task_registry, run_info={**run_info, "adapter": None})
-        from eval.compare import markdown_table, table_rows
+        from eval.harness.results import markdown_table, table_rows
 
         columns = [(f"base: {plan['model']}", base_results), (plan["adapter"].name, results)]
         print(f"\nbase vs adapter (base results: {base_out})")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import lora.bnb_cpu_fixes  # noqa: E402,F401  (before any model loads)
+import lora.models.bnb_cpu_fixes  # noqa: E402,F401  (before any model loads)
 from tiny_model import save_tiny_model  # noqa: E402
 
 

@@ -23,9 +23,11 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from conftest import REPO_ROOT
-from lora.errors import RecipeError
-from lora.model_building import attach_adapter, build_quantization_config, load_base_model
-from lora.recipes import resolve_recipe
+from lora.adapters.attach import attach_adapter
+from lora.core.errors import RecipeError
+from lora.models.loading import load_base_model
+from lora.models.quantisation import build_quantization_config
+from lora.recipes.registry import resolve_recipe
 
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
 # file -> (distributed type, machines, processes)

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerFast
 
 from conftest import REPO_ROOT
-from lora.errors import ModelSourceError
-from lora.finetune import main, run_recipe
-from lora.model_building import load_base_model
-from lora.quantised_layers import count_quantised_layers
-from lora.recipes import resolve_recipe
+from lora.core.errors import ModelSourceError
+from lora.finetune import harness_scoring, main
+from lora.models.loading import load_base_model
+from lora.models.quantisation import count_quantised_layers
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 from tiny_model import build_tiny_llama, build_tiny_tokenizer
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +55,7 @@ def _registry(folder, model_dir):
 def test_a_tokenizer_without_pad_token_never_grows_the_vocabulary(tmp_path):
     model_dir, vocab = _model_folder(tmp_path / "model", eos=True)
     out = tmp_path / "run"
-    result = run_recipe(resolve_recipe("tiny_no_pad", _registry(tmp_path, model_dir)), out)
+    result = run_recipe(resolve_recipe("tiny_no_pad", _registry(tmp_path, model_dir)), out, scoring=harness_scoring())
 
     assert result.tokenizer.pad_token == "</s>" and len(result.tokenizer) == vocab
     assert result.model.get_input_embeddings().num_embeddings == vocab

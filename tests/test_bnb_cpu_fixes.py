@@ -1,4 +1,4 @@
-"""Regression tests for the two bitsandbytes CPU defects neutralised in lora/bnb_cpu_fixes.py.
+"""Regression tests for the two bitsandbytes CPU defects neutralised in lora/models/bnb_cpu_fixes.py.
 
 Each defect gets two tests: one showing the project's loading path is correct, one showing the defect is real
 when the neutraliser is bypassed (if bitsandbytes fixes it upstream, that second test fails and tells us the
@@ -13,8 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig
 
-from lora import bnb_cpu_fixes
-from lora.model_building import load_base_model
+from lora.models import bnb_cpu_fixes
+from lora.models.loading import load_base_model
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -111,7 +111,7 @@ def test_8bit_dora_trains_several_steps(tiny_model_dir):
 
 def test_8bit_dora_crashes_without_the_neutraliser(tiny_model_dir, monkeypatch):
     patched = bnb.nn.Linear8bitLt.init_8bit_state
-    assert getattr(patched, "keeps_scales", False), "lora.bnb_cpu_fixes did not patch init_8bit_state"
+    assert getattr(patched, "keeps_scales", False), "lora.models.bnb_cpu_fixes did not patch init_8bit_state"
     monkeypatch.setattr(bnb.nn.Linear8bitLt, "init_8bit_state", patched.__wrapped__)
     with pytest.raises(AttributeError, match="unsqueeze"):
         _train_8bit_dora(tiny_model_dir, steps=3)

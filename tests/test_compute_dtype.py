@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from lora.compute_dtype import choose_dtype, cpu_flags, dtype_for
-from lora.finetune import recipe_notes, run_recipe
-from lora.recipes import resolve_recipe
+from lora.core.compute_dtype import choose_dtype, cpu_flags, dtype_for
+from lora.finetune import harness_scoring
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import recipe_notes, run_recipe
 
 
 @pytest.mark.parametrize(("cuda_bf16", "flags", "expected", "reason"), [
@@ -62,7 +63,7 @@ def test_auto_is_resolved_and_recorded(tmp_path, tiny_model_dir):
 
 def test_a_recipe_with_auto_runs_and_records_the_choice(tmp_path, tiny_model_dir):
     recipe = resolve_recipe("tiny_auto", _registry(tmp_path, tiny_model_dir))
-    result = run_recipe(recipe, tmp_path / "out")
+    result = run_recipe(recipe, tmp_path / "out", scoring=harness_scoring())
     assert result.summary["status"] == "completed" and result.summary["steps"] == 2
     name, _ = choose_dtype()
     assert result.summary["auto_dtypes"]["bnb_4bit_compute_dtype"]["value"] == name

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_merge import save_random_adapter
 
-from lora.adapter_io import AdapterError
-from lora.convert_adapter import convert_adapter
+from lora.adapters.convert import convert_adapter
+from lora.adapters.folders import AdapterError
 from lora.convert_adapter import main as convert_main
 from tiny_model import build_tiny_tokenizer
 

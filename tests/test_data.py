@@ -6,17 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora.data import (
-    IGNORE_INDEX,
-    answer_suffix,
-    build_collator,
-    encode_completion,
-    encode_example,
-    encode_prompt,
-    load_rows,
-    prompt_text,
-)
-from lora.errors import DataError
+from lora.core.errors import DataError
+from lora.prompts.rows import load_rows
+from lora.prompts.templates import IGNORE_INDEX, answer_suffix, encode_completion, encode_prompt, prompt_text
+from lora.training.sft_data import build_collator, encode_example
 
 BAD_ROWS = [
     ('{"context": "a", "target": "b"}\n{"context": "a", "target": \n', ":2: not valid JSON"),
@@ -77,7 +70,7 @@ def test_long_prompts_lose_their_left_end_not_the_answer(tokenizer):
 
 def test_packed_batch_gives_the_same_loss_as_padded(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    model.config.use_cache = False  # as lora.model_building.attach_adapter sets it for training
+    model.config.use_cache = False  # as lora.adapters.attach.attach_adapter sets it for training
     rows = [ROW, {"context": "Input: The bank cut its dividend and reported a loss.\nAnswer: ", "target": "negative"},
             {"context": "Answer: ", "target": "neutral"}]
     features = [encode_example(row, "plain", tokenizer, 128) for row in rows]

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from lora.data import (
+from lora.models.loading import load_tokenizer
+from lora.prompts.rows import load_rows
+from lora.prompts.templates import (
     IGNORE_INDEX,
     adds_special_tokens,
     answer_suffix,
     boundary_report,
     encode_completion,
-    encode_example,
     encode_prompt,
-    load_rows,
     prompt_text,
 )
-from lora.model_building import load_tokenizer
+from lora.training.sft_data import encode_example
 
 SMOLLM2 = Path("~/.cache/lora-recipes/models/SmolLM2-135M-Instruct").expanduser()
 BUNDLED = sorted((REPO_ROOT / "data").glob("t*/*.jsonl"))
@@ -89,7 +89,7 @@ def test_a_boundary_that_cannot_be_split_is_reported_and_still_trains_on_the_who
 def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
     from lm_eval.models.huggingface import HFLM
 
-    from lora.model_building import load_base_model
+    from lora.models.loading import load_base_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     lm = HFLM(pretrained=load_base_model(str(tiny_model_dir), None), tokenizer=tokenizer, batch_size=1)

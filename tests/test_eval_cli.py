@@ -12,9 +12,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from eval.scoring import score_row_choices
-from lora.data import encode_completion
-from lora.model_building import build_quantization_config, load_base_model, load_tokenizer
+from eval.harness.choices import score_row_choices
+from lora.models.loading import load_base_model, load_tokenizer
+from lora.models.quantisation import build_quantization_config
+from lora.prompts.templates import encode_completion
 
 LABELS = ["negative", "neutral", "positive"]
 RECIPE = {"name": "tiny_sentiment", "quant_bits": 4, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,

@@ -8,16 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from eval.harness import evaluate_tasks
-from eval.scoring import (
-    MIN_SHARED_PREFIX,
-    common_prefix_length,
-    generate_greedy,
-    score_choices,
-    score_choices_one_row_per_label,
-)
-from lora.data import encode_completion, encode_prompt
-from lora.model_building import load_base_model, load_tokenizer
+from eval.harness.choices import MIN_SHARED_PREFIX, common_prefix_length, score_choices, score_choices_one_row_per_label
+from eval.harness.evaluation import evaluate_tasks
+from lora.models.loading import load_base_model, load_tokenizer
+from lora.prompts.generation import generate_greedy
+from lora.prompts.templates import encode_completion, encode_prompt
 
 LABELS = ["negative", "neutral", "positive"]
 HEADLINES = ["Shares rose after revenue beat expectations", "The bank reported a loss and cut its dividend",

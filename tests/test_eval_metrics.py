@@ -8,8 +8,9 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from eval import metrics, parsing
-from eval.tasks import TaskError, expand_task_names, infer_task, load_tasks, read_task_registry
+from eval.harness import metrics
+from eval.harness.tasks import TaskError, expand_task_names, infer_task, load_tasks, read_task_registry
+from lora.prompts import parsing
 
 LABELS = ["negative", "neutral", "positive"]
 

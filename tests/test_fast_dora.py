@@ -14,8 +14,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora import fast_dora
-from lora.fast_dora import FastDoraLinearVariant, clear_fast_dora_cache, disable_fast_dora, enable_fast_dora
+from lora.adapters import fast_dora
+from lora.adapters.fast_dora import FastDoraLinearVariant, clear_fast_dora_cache, disable_fast_dora, enable_fast_dora
 
 LAYERS_PER_TINY_MODEL = 14  # 2 blocks x 7 linear layers
 FP32_TOLERANCE = 1e-5

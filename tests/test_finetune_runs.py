@@ -11,9 +11,11 @@ import torch
 from peft import PeftModel
 
 from conftest import REPO_ROOT
-from lora.finetune import main, run_recipe
-from lora.model_building import build_quantization_config, load_base_model
-from lora.recipes import resolve_recipe
+from lora.finetune import harness_scoring, main
+from lora.models.loading import load_base_model
+from lora.models.quantisation import build_quantization_config
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 
 EXPECTED_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "loss_curve.png",
@@ -56,7 +58,7 @@ def _logits(model, tokenizer):
                                   "tiny_lora_8bit", "tiny_dora_8bit"])
 def test_training_run_writes_a_reloadable_adapter(registry, tmp_path, name):
     recipe = resolve_recipe(name, registry)
-    result = run_recipe(recipe, tmp_path / name)
+    result = run_recipe(recipe, tmp_path / name, scoring=harness_scoring())
     out = tmp_path / name
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 
@@ -89,20 +91,20 @@ def test_finished_output_is_not_overwritten_unless_asked(registry, tmp_path):
 
 
 def test_crash_before_publishing_leaves_no_adapter_that_looks_finished(registry, tmp_path, monkeypatch):
-    import lora.model_card
+    import lora.training.model_card
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for a kill while the final files are staged
 
-    monkeypatch.setattr(lora.model_card, "write_model_card", crash)
+    monkeypatch.setattr(lora.training.model_card, "write_model_card", crash)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(resolve_recipe("tiny_lora_fp32", registry, ["max_steps=2"]), out)
+        run_recipe(resolve_recipe("tiny_lora_fp32", registry, ["max_steps=2"]), out, scoring=harness_scoring())
     assert not (out / "adapter_config.json").exists()
     assert json.loads((out / "run_summary.json").read_text())["status"] == "running"
     monkeypatch.undo()
     # Nothing finished and no checkpoints: running again simply starts over and completes.
-    run_recipe(resolve_recipe("tiny_lora_fp32", registry, ["max_steps=2"]), out)
+    run_recipe(resolve_recipe("tiny_lora_fp32", registry, ["max_steps=2"]), out, scoring=harness_scoring())
     assert json.loads((out / "run_summary.json").read_text())["status"] == "completed"
 
 

@@ -16,10 +16,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import REPO_ROOT
-from lora import fast_dora
-from lora.finetune import run_recipe
-from lora.model_building import build_quantization_config, load_base_model
-from lora.recipes import resolve_recipe
+from lora.adapters import fast_dora
+from lora.finetune import harness_scoring
+from lora.models.loading import load_base_model
+from lora.models.quantisation import build_quantization_config
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 
 pytestmark = pytest.mark.gpu
 ON_CUDA = torch.cuda.is_available()  # False only in the CPU smoke run (GPU_TESTS_ON_CPU=1): device checks skipped
@@ -67,7 +69,7 @@ def trained(registry, tmp_path_factory):
     runs = {}
     for name in [n for n in RECIPES if not n.startswith("_")]:
         recipe = resolve_recipe(name, registry)
-        runs[name] = (recipe, run_recipe(recipe, out_root / name), out_root / name)
+        runs[name] = (recipe, run_recipe(recipe, out_root / name, scoring=harness_scoring()), out_root / name)
     return runs
 
 
@@ -145,7 +147,7 @@ def test_fast_dora_matches_stock_on_cuda_within_bf16_tolerance(tiny_model_dir, b
 
 
 def test_merge_self_check_on_an_adapter_trained_on_cuda(trained, tmp_path):
-    from lora.merge import merge_adapter
+    from lora.adapters.merge import merge_adapter
 
     _, _, out = trained["cuda_dora_4bit"]
     record = merge_adapter(out, tmp_path / "merged", dtype="bf16")
@@ -153,7 +155,7 @@ def test_merge_self_check_on_an_adapter_trained_on_cuda(trained, tmp_path):
 
 
 def test_choice_and_generate_scoring_agree_on_a_trained_adapter(trained, tmp_path):
-    from eval.harness import evaluate_tasks
+    from eval.harness.evaluation import evaluate_tasks
 
     recipe, result, _ = trained["cuda_dora_4bit"]
     scores = {}
@@ -183,8 +185,8 @@ def test_server_answers_a_completion_on_cuda(trained):
     import httpx
     from fastapi.testclient import TestClient
 
-    from lora.serve import create_app
-    from lora.serving_adapters import build_host
+    from lora.serving.app import create_app
+    from lora.serving.host import build_host
 
     recipe, _, out = trained["cuda_dora_4bit"]
     host = build_host(str(recipe["base_model"]), quant_bits=4)

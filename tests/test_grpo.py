@@ -11,12 +11,16 @@ import torch
 from peft import PeftModel
 
 from conftest import REPO_ROOT
-from lora.data import encode_prompt, load_rows, prompt_text
-from lora.errors import RecipeError
-from lora.finetune import run_recipe
-from lora.model_building import attach_adapter, build_quantization_config, load_base_model, load_tokenizer
-from lora.recipes import resolve_recipe
-from lora.rewards import REWARDS, Sample, build_trl_reward, infer_labels, register_reward
+from lora.adapters.attach import attach_adapter
+from lora.core.errors import RecipeError
+from lora.finetune import harness_scoring
+from lora.models.loading import load_base_model, load_tokenizer
+from lora.models.quantisation import build_quantization_config
+from lora.prompts.rewards import REWARDS, Sample, build_trl_reward, infer_labels, register_reward
+from lora.prompts.rows import load_rows
+from lora.prompts.templates import encode_prompt, prompt_text
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 
 SENTIMENT = str(REPO_ROOT / "data/train/sentiment_train.jsonl")
 LABELS = ("negative", "neutral", "positive")
@@ -132,7 +136,7 @@ def test_grpo_defaults_resolve(tmp_path):
 
 @pytest.mark.parametrize("template", ["plain", "chat"])
 def test_grpo_samples_after_the_prompt_ids_every_tool_uses(tiny_model_dir, template):
-    from lora.grpo import RecipeGrpoTrainer, build_prompt_dataset
+    from lora.training.grpo import RecipeGrpoTrainer, build_prompt_dataset
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rows = load_rows(SENTIMENT)[:4]
@@ -219,7 +223,7 @@ def test_grpo_recipe_runs_end_to_end_on_tiny_4bit_dora(registry, tmp_path):
     parameters_with_adapter = sum(p.numel() for p in attach_adapter(recipe, base).parameters())
 
     out = tmp_path / "run"
-    result = run_recipe(recipe, out)
+    result = run_recipe(recipe, out, scoring=harness_scoring())
     model = result.model
 
     # The KL reference is the base with the adapter disabled: no reference model, no copied "ref" adapter.
@@ -252,9 +256,9 @@ def test_grpo_recipe_runs_end_to_end_on_tiny_4bit_dora(registry, tmp_path):
 def test_grpo_resume_continues_bit_identically(registry, tmp_path, tiny_model_dir):
     recipe = resolve_recipe("tiny_grpo_fp32_lora", registry)
     STEERABLE_TOKENS.update(steerable_half_of_vocabulary(load_base_model(str(tiny_model_dir), None)))
-    straight = run_recipe(recipe, tmp_path / "straight")
+    straight = run_recipe(recipe, tmp_path / "straight", scoring=harness_scoring())
     checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
-    resumed = run_recipe(recipe, tmp_path / "resumed", resume=str(checkpoint))
+    resumed = run_recipe(recipe, tmp_path / "resumed", resume=str(checkpoint), scoring=harness_scoring())
 
     assert resumed.summary["steps"] == 4
     assert [entry["step"] for entry in resumed.summary["rewards"]["reward_history"]] == [3, 4]

@@ -11,10 +11,12 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from lora.finetune import main, run_recipe
-from lora.model_building import attach_adapter, load_base_model
-from lora.recipes import resolve_recipe
-from lora.rewards import Sample, register_reward
+from lora.adapters.attach import attach_adapter
+from lora.finetune import harness_scoring, main
+from lora.models.loading import load_base_model
+from lora.prompts.rewards import Sample, register_reward
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 
 SENTIMENT = str(REPO_ROOT / "data/train/sentiment_train.jsonl")
 EXPECTED_FILES = {
@@ -118,7 +120,7 @@ def test_mismatched_or_missing_adapter_exits_2_before_anything_is_written(regist
 def test_grpo_from_a_trained_adapter_uses_it_as_start_and_reference(registry, start_adapter, tmp_path):
     recipe = resolve_recipe("grpo_after", registry)
     out = tmp_path / "grpo"
-    result = run_recipe(recipe, out)
+    result = run_recipe(recipe, out, scoring=harness_scoring())
     model = result.model
 
     # TRL keeps a frozen copy of the starting adapter ("ref") as the KL reference: the start, not the base.

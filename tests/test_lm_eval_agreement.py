@@ -13,11 +13,12 @@ import pytest
 from peft import PeftModel
 
 from conftest import REPO_ROOT
-from eval.harness import evaluate_tasks, prepare_tasks, task_targets
-from eval.lm_eval_export import export_tasks
-from lora.finetune import run_recipe
-from lora.model_building import load_base_model, load_tokenizer
-from lora.recipes import resolve_recipe
+from eval.harness.evaluation import evaluate_tasks, prepare_tasks, task_targets
+from eval.harness.lm_eval_export import export_tasks
+from lora.finetune import harness_scoring
+from lora.models.loading import load_base_model, load_tokenizer
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = ("fell", "met", "rose")  # the label is the word's: learnable in a few steps by a random tiny model
@@ -44,7 +45,7 @@ def trained(tmp_path_factory, tiny_model_dir):
         "lora_alpha": 16, "lora_dropout": 0.0, "max_steps": 24, "batch_size": 8, "learning_rate": 0.01,
         "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 4, "max_seq_length": 64}}))
     out = folder / "adapter"
-    run_recipe(resolve_recipe("tiny_keyword_sentiment", registry), out)
+    run_recipe(resolve_recipe("tiny_keyword_sentiment", registry), out, scoring=harness_scoring())
     prepared = prepare_tasks(["sentiment"], data_overrides={"sentiment": str(test)})
     tokenizer = load_tokenizer(str(out))
     export = folder / "lm_eval_tasks"
@@ -109,7 +110,7 @@ def test_lm_eval_cli_with_peft_on_the_unquantised_base_agrees(trained, tiny_mode
 
 
 def test_export_replaces_its_own_folder_and_refuses_any_other(tmp_path, tiny_model_dir):
-    from lora.errors import UserError
+    from lora.core.errors import UserError
 
     prepared = prepare_tasks(["sentiment", "calc"], limit=4)
     tokenizer = load_tokenizer(str(tiny_model_dir))

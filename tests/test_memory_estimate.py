@@ -13,7 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO_ROOT
-from lora.memory_estimate import (
+from lora.adapters.attach import attach_adapter
+from lora.models.loading import load_base_model
+from lora.models.memory import (
     activation_bytes_per_token,
     base_weight_bytes,
     estimate_memory,
@@ -22,8 +24,8 @@ from lora.memory_estimate import (
     model_shape_from_config,
     trainable_parameter_count,
 )
-from lora.model_building import attach_adapter, build_quantization_config, load_base_model
-from lora.recipes import resolve_recipe
+from lora.models.quantisation import build_quantization_config
+from lora.recipes.registry import resolve_recipe
 
 # FinLoRA, docs/source/benchmark_results/resources.rst ("GPU Memory Usage for Fine-tuning", Llama-3.1-8B on NER,
 # batch 4), github.com/Open-Finance-Lab/FinLoRA: trainable parameters and GPU memory.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.merge import MERGE_RECORD, merge_adapter
+from lora.adapters.merge import MERGE_RECORD, merge_adapter
 from lora.merge import main as merge_main
 from tiny_model import build_tiny_tokenizer
 

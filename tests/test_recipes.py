@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lora.errors import RecipeError
-from lora.recipes import list_recipes, read_registry, resolve_recipe, runnable_names
+from lora.core.errors import RecipeError
+from lora.recipes.registry import list_recipes, read_registry, resolve_recipe, runnable_names
 
 FINLORA_RECIPE = {
     "sentiment_llama_3_1_8b_8bits_r8_dora": {

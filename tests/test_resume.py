@@ -15,9 +15,18 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from lora import artifacts
-from lora.finetune import main, run_recipe
-from lora.recipes import resolve_recipe
+from lora.finetune import harness_scoring, main
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
+from lora.training.run_folder import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_STAGING_DIR,
+    TRAINER_STATE_FILE,
+    checkpoint_step,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    publish_checkpoint,
+)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -53,8 +62,8 @@ def registry(tmp_path_factory, tiny_model_dir):
 
 
 def _checkpoint_steps(output_dir) -> list[int]:
-    folder = output_dir / artifacts.CHECKPOINT_DIR
-    return sorted(artifacts.checkpoint_step(p) for p in folder.glob("checkpoint-*")) if folder.is_dir() else []
+    folder = output_dir / CHECKPOINT_DIR
+    return sorted(checkpoint_step(p) for p in folder.glob("checkpoint-*")) if folder.is_dir() else []
 
 
 def _start_training(registry, output_dir) -> subprocess.Popen:
@@ -91,13 +100,13 @@ def test_sigkill_then_resume_auto_gives_the_uninterrupted_adapter(registry, tmp_
     assert not (interrupted / "adapter_config.json").exists()  # nothing looks finished
     assert json.loads((interrupted / "run_summary.json").read_text())["status"] == "running"
     for step in steps_at_kill:
-        assert artifacts.is_complete_checkpoint(interrupted / artifacts.CHECKPOINT_DIR / f"checkpoint-{step}")
+        assert is_complete_checkpoint(interrupted / CHECKPOINT_DIR / f"checkpoint-{step}")
 
     # Leftovers of a kill in the middle of writing a checkpoint: the staging folder is never resumed from, and the
     # next checkpoint clears it.
-    checkpoints = interrupted / artifacts.CHECKPOINT_DIR
-    (checkpoints / artifacts.CHECKPOINT_STAGING_DIR / "checkpoint-99").mkdir(parents=True)
-    assert artifacts.checkpoint_step(artifacts.latest_complete_checkpoint(checkpoints)) == max(steps_at_kill)
+    checkpoints = interrupted / CHECKPOINT_DIR
+    (checkpoints / CHECKPOINT_STAGING_DIR / "checkpoint-99").mkdir(parents=True)
+    assert checkpoint_step(latest_complete_checkpoint(checkpoints)) == max(steps_at_kill)
 
     # Without --resume the interrupted run is protected; with --resume auto it continues.
     args = ["tiny_resume", "--registry", str(registry), "--output-dir", str(interrupted)]
@@ -105,10 +114,10 @@ def test_sigkill_then_resume_auto_gives_the_uninterrupted_adapter(registry, tmp_
     assert main(args + ["--resume", "auto"]) == 0
     summary = json.loads((interrupted / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 16
-    assert not (checkpoints / artifacts.CHECKPOINT_STAGING_DIR).exists()
+    assert not (checkpoints / CHECKPOINT_STAGING_DIR).exists()
 
     uninterrupted = tmp_path / "uninterrupted"
-    run_recipe(resolve_recipe("tiny_resume", registry), uninterrupted)
+    run_recipe(resolve_recipe("tiny_resume", registry), uninterrupted, scoring=harness_scoring())
 
     resumed_weights = load_file(interrupted / ADAPTER_FILE)
     reference_weights = load_file(uninterrupted / ADAPTER_FILE)
@@ -125,21 +134,21 @@ def test_latest_complete_checkpoint_skips_incomplete_folders(tmp_path):
         folder.mkdir()
         (folder / ADAPTER_FILE).write_bytes(b"weights")
         if complete:
-            (folder / artifacts.TRAINER_STATE_FILE).write_text("{}")
-    (tmp_path / artifacts.CHECKPOINT_STAGING_DIR / "checkpoint-15").mkdir(parents=True)
+            (folder / TRAINER_STATE_FILE).write_text("{}")
+    (tmp_path / CHECKPOINT_STAGING_DIR / "checkpoint-15").mkdir(parents=True)
     (tmp_path / "checkpoint-final-copy").mkdir()
-    assert artifacts.latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
-    assert artifacts.latest_complete_checkpoint(tmp_path / "missing") is None
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
 
 
 def test_publish_checkpoint_replaces_a_same_step_folder_by_rename(tmp_path):
     final = tmp_path / "checkpoint-4"
     final.mkdir()
     (final / "old.bin").write_bytes(b"old")
-    staging = tmp_path / artifacts.CHECKPOINT_STAGING_DIR / "checkpoint-4"
+    staging = tmp_path / CHECKPOINT_STAGING_DIR / "checkpoint-4"
     staging.mkdir(parents=True)
     (staging / "new.bin").write_bytes(b"new")
-    artifacts.publish_checkpoint(staging, final)
+    publish_checkpoint(staging, final)
     assert [p.name for p in final.iterdir()] == ["new.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]  # staging and superseded copy gone
 
@@ -169,5 +178,5 @@ def test_non_finite_loss_stops_with_exit_2_and_keeps_only_finite_checkpoints(reg
     assert steps, "the run should have checkpointed before the loss overflowed"
     assert max(steps) < failed_step  # the failing step itself is never checkpointed
     for step in steps:
-        weights = load_file(out / artifacts.CHECKPOINT_DIR / f"checkpoint-{step}" / ADAPTER_FILE)
+        weights = load_file(out / CHECKPOINT_DIR / f"checkpoint-{step}" / ADAPTER_FILE)
         assert all(torch.isfinite(tensor).all() for tensor in weights.values()), step

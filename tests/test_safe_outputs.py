@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from lora import artifacts
-from lora.finetune import main, run_recipe
-from lora.recipes import resolve_recipe
+from lora.finetune import harness_scoring, main
+from lora.recipes.outputs import default_output_dir
+from lora.recipes.registry import resolve_recipe
+from lora.training.run import run_recipe
+from lora.training.run_folder import checkpoint_problem
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +92,21 @@ def test_overwrite_that_fails_keeps_the_old_adapter(registry, finished_run, tiny
 
 def test_overwrite_interrupted_at_the_last_moment_keeps_the_old_adapter(registry, finished_run, tmp_path,
                                                                         monkeypatch):
-    import lora.model_card
+    import lora.training.model_card
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for a kill while the new final files are being staged
 
     out = _copy_run(finished_run, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(lora.model_card, "write_model_card", crash)
+    monkeypatch.setattr(lora.training.model_card, "write_model_card", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True)
+        run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True, scoring=harness_scoring())
     assert _snapshot(out) == before and _siblings(out) == []
     monkeypatch.undo()
 
     # The same overwrite, left to finish: the new adapter replaces the old one, and nothing else is left beside it.
-    run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True)
+    run_recipe(resolve_recipe("tiny", registry, ["seed=7"]), out, overwrite=True, scoring=harness_scoring())
     assert (out / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
     assert json.loads((out / "run_summary.json").read_text())["status"] == "completed"
     assert _siblings(out) == []
@@ -144,13 +146,13 @@ def test_recipe_names_must_be_plain_names(tmp_path, capsys, bad_name):
 def test_plain_names_with_dots_inside_are_accepted(tmp_path):
     registry = tmp_path / "finetune_configs.json"
     registry.write_text(json.dumps({"smollm2.v1-r8_dora": {"base_model": "some/model", "dataset_path": "d.jsonl"}}))
-    assert artifacts.default_output_dir(resolve_recipe("smollm2.v1-r8_dora", registry)) == (
+    assert default_output_dir(resolve_recipe("smollm2.v1-r8_dora", registry)) == (
         tmp_path / "outputs" / "smollm2.v1-r8_dora")
 
 
 def test_resume_auto_skips_a_truncated_checkpoint_and_keeps_the_record_until_replaced(registry, finished_run,
                                                                                        tmp_path, capsys, monkeypatch):
-    import lora.model_card
+    import lora.training.model_card
 
     out = _copy_run(finished_run, tmp_path)
     damaged = out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
@@ -162,7 +164,7 @@ def test_resume_auto_skips_a_truncated_checkpoint_and_keeps_the_record_until_rep
         raise KeyboardInterrupt
 
     # A crash of the resumed run before its replacement is staged leaves the finished record as it was.
-    monkeypatch.setattr(lora.model_card, "write_model_card", crash)
+    monkeypatch.setattr(lora.training.model_card, "write_model_card", crash)
     with pytest.raises(KeyboardInterrupt):
         main(["tiny", "--registry", str(registry), "--output-dir", str(out), "--resume", "auto"])
     assert (out / "run_summary.json").read_bytes() == record
@@ -230,11 +232,11 @@ def test_resume_path_to_a_damaged_checkpoint_names_the_file(registry, finished_r
 def test_checkpoint_problem_names_missing_and_unreadable_files(finished_run, tmp_path):
     checkpoint = tmp_path / "checkpoint-1"
     shutil.copytree(finished_run / "checkpoints" / "checkpoint-1", checkpoint)
-    assert artifacts.checkpoint_problem(checkpoint) is None
+    assert checkpoint_problem(checkpoint) is None
     (checkpoint / "scheduler.pt").unlink()
     (checkpoint / "optimizer.pt").unlink()
-    assert artifacts.checkpoint_problem(checkpoint) == "missing scheduler.pt, optimizer.pt"
+    assert checkpoint_problem(checkpoint) == "missing scheduler.pt, optimizer.pt"
     shutil.copy2(finished_run / "checkpoints" / "checkpoint-1" / "scheduler.pt", checkpoint)
     shutil.copy2(finished_run / "checkpoints" / "checkpoint-1" / "optimizer.pt", checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 1')
-    assert artifacts.checkpoint_problem(checkpoint).startswith("trainer_state.json cannot be read")
+    assert checkpoint_problem(checkpoint).startswith("trainer_state.json cannot be read")

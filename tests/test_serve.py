@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora.model_building import load_base_model
-from lora.serve import create_app, main, resolve_served_base
-from lora.serving_adapters import AdapterHost, GenerationRow
+from lora.models.loading import load_base_model
+from lora.serve import main
+from lora.serving.app import create_app, resolve_served_base
+from lora.serving.host import AdapterHost, GenerationRow
 from tiny_model import build_tiny_llama, build_tiny_tokenizer
 
 PROMPTS = ["Shares of the company rose after revenue beat", "The bank cut its dividend"]

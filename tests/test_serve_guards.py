@@ -19,10 +19,10 @@ from peft import LoraConfig, get_peft_model
 from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora.errors import UserError
+from lora.core.errors import UserError
 from lora.serve import main
-from lora.serving_adapters import AdapterHost
-from lora.serving_guards import API_KEY_ENV, check_bind_is_guarded, resolve_api_key
+from lora.serving.guards import API_KEY_ENV, check_bind_is_guarded, resolve_api_key
+from lora.serving.host import AdapterHost
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -64,7 +64,7 @@ def host(tiny_model_dir, folders) -> AdapterHost:
 
 @pytest.fixture(scope="module")
 def server(host, folders):
-    from lora.serve import create_app
+    from lora.serving.app import create_app
 
     with serve_in_thread(create_app(host, adapter_root=folders["root"], api_key=KEY, window_ms=10)) as url:
         yield url

@@ -14,12 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from conftest import REPO_ROOT
-from lora.artifacts import new_file_mode
-from lora.finetune import main, run_recipe
-from lora.grpo import build_grpo_config
-from lora.recipes import load_schema, resolve_recipe
-from lora.run_record import score_figures
-from lora.tracking import TRACKERS
+from lora.core.files import new_file_mode
+from lora.finetune import harness_scoring, main
+from lora.recipes.registry import load_schema, resolve_recipe
+from lora.training.grpo import build_grpo_config
+from lora.training.run import run_recipe
+from lora.training.run_record import score_figures
+from lora.training.tracking import TRACKERS
 
 TINY = {
     "dataset_path": str(REPO_ROOT / "data/train/sentiment_train.jsonl"), "quant_bits": None,
@@ -89,13 +90,13 @@ def test_recipe_fields_reach_the_sft_and_grpo_trainers(registry):
 
 def test_tensorboard_log_equals_the_run_record_and_continues_on_resume(registry, tmp_path):
     out = tmp_path / "run"
-    run_recipe(resolve_recipe("tiny_tracked", registry), out)
+    run_recipe(resolve_recipe("tiny_tracked", registry), out, scoring=harness_scoring())
     log_dir = out / "logs" / "tensorboard"
     first = scalars(log_dir)
     summary = json.loads((out / "run_summary.json").read_text())
     assert_same_curve(first["train/loss"], logged_losses(out))
     assert [step for step, _ in first["train/loss"]] == [1, 2, 3]
-    for task, metrics in score_figures(summary["eval_after"]).items():
+    for task, metrics in score_figures(summary["eval_after"], harness_scoring().task_facts).items():
         for metric, value in metrics.items():
             assert first[f"eval/after/{task}/{metric}"] == [(3, pytest.approx(value, rel=1e-6))]
             assert first[f"eval/before/{task}/{metric}"] == [
@@ -105,7 +106,7 @@ def test_tensorboard_log_equals_the_run_record_and_continues_on_resume(registry,
 
     # Continue from step 2 to step 4 in the same folder: one log, each step once, step 3 from the resumed run.
     resumed = resolve_recipe("tiny_tracked", registry, ["max_steps=4"])
-    run_recipe(resumed, out, resume=str(out / "checkpoints" / "checkpoint-2"))
+    run_recipe(resumed, out, resume=str(out / "checkpoints" / "checkpoint-2"), scoring=harness_scoring())
     after = scalars(log_dir)
     assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2
     assert_same_curve(after["train/loss"], logged_losses(out))
@@ -117,7 +118,7 @@ def test_tensorboard_log_equals_the_run_record_and_continues_on_resume(registry,
 
 def test_grpo_rewards_reach_tensorboard(registry, tmp_path):
     out = tmp_path / "grpo"
-    run_recipe(resolve_recipe("tiny_grpo_tracked", registry), out)
+    run_recipe(resolve_recipe("tiny_grpo_tracked", registry), out, scoring=harness_scoring())
     logged = scalars(out / "logs" / "tensorboard")
     history = json.loads((out / "run_summary.json").read_text())["rewards"]["reward_history"]
     assert_same_curve(logged["train/reward"], [(entry["step"], entry["reward"]) for entry in history])
@@ -128,7 +129,7 @@ def test_mlflow_file_store_in_the_run_folder_holds_the_run_record(registry, tmp_
     import mlflow
 
     out = tmp_path / "run"
-    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=mlflow", "run_name=tiny-mlflow"]), out)
+    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=mlflow", "run_name=tiny-mlflow"]), out, scoring=harness_scoring())
     client = mlflow.MlflowClient(tracking_uri=(out / "logs" / "mlflow").as_uri())
     runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # the figures logged after training went to the training run, not a new one
@@ -145,7 +146,7 @@ def test_mlflow_file_store_in_the_run_folder_holds_the_run_record(registry, tmp_
     elsewhere = tmp_path / "team-store"
     os.environ["MLFLOW_TRACKING_URI"] = elsewhere.as_uri()
     run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=mlflow", "max_steps=1", "eval_tasks=[]"]),
-               tmp_path / "second")
+               tmp_path / "second", scoring=harness_scoring())
     assert not (tmp_path / "second" / "logs").exists()
     assert mlflow.MlflowClient(tracking_uri=elsewhere.as_uri()).search_runs(experiment_ids=["0"])
 
@@ -165,11 +166,11 @@ def test_a_tracker_not_installed_is_exit_2_before_any_model_loads(registry, tmp_
 
 def test_model_card_carries_the_scores_as_model_index_and_no_local_path(registry, tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=none"]), out)
+    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=none"]), out, scoring=harness_scoring())
     summary = json.loads((out / "run_summary.json").read_text())
     card = ModelCard.load(out / "README.md")
     results = {(r.task_name, r.metric_type): r for r in card.data.eval_results}
-    expected = score_figures(summary["eval_after"])["sentiment"]
+    expected = score_figures(summary["eval_after"], harness_scoring().task_facts)["sentiment"]
     assert set(results) == {("sentiment", metric) for metric in expected} and len(expected) == 3
     for (task, metric), result in results.items():
         assert result.metric_value == summary["eval_after"][task][metric]

@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from lora.data import build_collator, encode_example
-from lora.training import RecipeTrainer, next_token_targets
+from lora.training.sft import RecipeTrainer, next_token_targets
+from lora.training.sft_data import build_collator, encode_example
 
 ROWS = [
     {"context": "Instruction: What is the sentiment?\nInput: Shares rose sharply.\nAnswer: ", "target": "positive"},

@@ -1,0 +1,150 @@
+"""Write registry tasks as an lm-evaluation-harness task folder, prompts rendered with an adapter's template.
+
+    python eval/evaluate.py --adapter outputs/RECIPE --tasks sentiment,entities --export-lm-eval lm_eval_tasks
+    lm_eval --model hf --model_args pretrained=BASE,peft=outputs/RECIPE,tokenizer=outputs/RECIPE \
+        --include_path lm_eval_tasks --tasks lora_recipes_sentiment,lora_recipes_entities
+
+Each task becomes `lora_recipes_<task>.yaml` and its rows `lora_recipes_<task>.jsonl`, with every prompt already
+rendered (chat template applied) so lm-eval needs no template of its own:
+- classification: `multiple_choice` over the task's labels, `target_delimiter: ""`. lm-eval moves the prompt's
+  trailing whitespace into the label before tokenising, which is our encoding rule (lora.prompts.templates.encode_text_pair),
+  so it scores exactly the ids we train on and score. Metrics: accuracy, weighted F1, macro F1.
+- entities, numeric, text: `generate_until`, greedy, the prompt written as the rule's generation prompt (trailing
+  whitespace left out), stopped at the template's end of answer; parsed and scored by the harness's own
+  lora/prompts/parsing.py and eval/harness/metrics.py, which are copied into the folder (eval/harness/lm_eval_metrics.py loads them).
+The data paths in the YAML files are absolute: move the folder and export again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from eval.harness import metrics
+from eval.harness.tasks import Task
+from lora.core.errors import UserError
+from lora.prompts import parsing
+from lora.prompts.templates import answer_suffix, prompt_text, split_at_boundary
+
+TASK_PREFIX = "lora_recipes_"
+MARKER = "lora_recipes_export.json"  # says a folder is ours to replace
+METRICS_MODULE = "lm_eval_metrics"
+# The files an exported folder carries, by the name lm_eval_metrics.py loads them under (it finds them beside it).
+COPIED_MODULES = {
+    "lm_eval_metrics.py": Path(__file__).with_name("lm_eval_metrics.py"),
+    "parsing.py": Path(parsing.__file__),
+    "metrics.py": Path(metrics.__file__),
+}
+GENERATION_METRICS = {
+    "entities": {"entity_f1": "aggregate_entity_f1", "accuracy": "aggregate_entity_accuracy",
+                 "entity_precision": "aggregate_entity_precision", "entity_recall": "aggregate_entity_recall"},
+    "numeric": {"accuracy": "mean"},
+    "text": {"accuracy": "mean", "token_f1": "mean"},
+}
+
+
+def lm_eval_task_name(task_name: str) -> str:
+    """The exported name: our prefix (no clash with lm-eval's own tasks) and only [A-Za-z0-9_]."""
+    return TASK_PREFIX + re.sub(r"[^A-Za-z0-9_]+", "_", task_name)
+
+
+def task_documents(task: Task, rows: list[dict], targets: list, template: str, tokenizer) -> list[dict]:
+    """One lm-eval document per row: the rendered prompt and what the task's metrics compare with."""
+    documents = []
+    for row, target in zip(rows, targets, strict=True):
+        prompt = prompt_text(row["context"], template, tokenizer)
+        document = {"target": row["target"]}
+        if task.kind == "classification":
+            document.update(prompt=prompt, choices=list(task.labels), gold=task.labels.index(target))
+        else:
+            document["prompt"] = split_at_boundary(prompt, "")[0]
+            document["expected"] = target
+            if task.kind == "entities":
+                document["entity_types"] = list(task.entity_types)
+            elif task.kind == "numeric":
+                document.update(rel_tol=task.rel_tol, abs_tol=task.abs_tol)
+        documents.append(document)
+    return documents
+
+
+def _metric_lines(metric: str, aggregation: str) -> list[str]:
+    written = aggregation if aggregation == "mean" else f"!function {METRICS_MODULE}.{aggregation}"
+    return [f"  - metric: {metric}", f"    aggregation: {written}", "    higher_is_better: true"]
+
+
+def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer) -> str:
+    lines = [
+        f"# {task.kind} task {json.dumps(task.name)}, prompts under prompt_template {json.dumps(template)}",
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data_file))}",
+        "test_split: test",
+        "num_fewshot: 0",
+        "doc_to_text: prompt",
+        "doc_to_target: target",
+    ]
+    if task.kind == "classification":
+        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""',
+                  f"process_results: !function {METRICS_MODULE}.process_classification", "metric_list:",
+                  *_metric_lines("accuracy", "mean"), *_metric_lines("weighted_f1", "aggregate_weighted_f1"),
+                  *_metric_lines("macro_f1", "aggregate_macro_f1")]
+    else:
+        stop = answer_suffix(template, tokenizer).strip() or tokenizer.eos_token
+        lines += ["output_type: generate_until", 'target_delimiter: ""', "generation_kwargs:",
+                  f"  until: [{json.dumps(stop)}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false",
+                  f"process_results: !function {METRICS_MODULE}.process_{task.kind}", "metric_list:"]
+        for metric, aggregation in GENERATION_METRICS[task.kind].items():
+            lines += _metric_lines(metric, aggregation)
+    lines += ["metadata:", "  version: 1.0"]
+    return "\n".join(lines) + "\n"
+
+
+def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *, template: str, tokenizer,
+                 source: dict | None = None) -> list[str]:
+    """Write the task folder `out_dir` (replaced whole once complete) and return the exported task names.
+
+    Args:
+        prepared: (task, rows, targets) as eval.harness.evaluation.prepare_tasks and task_targets give them.
+        template: the adapter's prompt template ("plain", "chat" or a "{context}" string).
+        source: what the prompts were rendered for (adapter, base model), recorded in the folder's marker file.
+
+    Raises:
+        UserError: `out_dir` exists and is not an earlier export (it is never overwritten then).
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--export-lm-eval {out_dir}: exists and is not an lm-eval export written by this tool "
+                        f"(no {MARKER}); name a new or empty folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    names = []
+    try:
+        for task, rows, targets in prepared:
+            name = lm_eval_task_name(task.name)
+            data_file = staging / f"{name}.jsonl"
+            with data_file.open("w", encoding="utf-8") as handle:
+                for document in task_documents(task, rows, targets, template, tokenizer):
+                    handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+            yaml_text = task_yaml(name, task, out_dir / data_file.name, template, tokenizer)
+            (staging / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
+            names.append(name)
+        for name, source_file in COPIED_MODULES.items():
+            shutil.copyfile(source_file, staging / name)
+        marker = {"tasks": names, "prompt_template": template, **(source or {})}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            previous = out_dir.with_name(out_dir.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            out_dir.rename(previous)
+            staging.rename(out_dir)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names

@@ -1,0 +1,166 @@
+"""Evaluate a trained adapter, a recipe's adapter or base model, or any base model on the registry's tasks.
+
+    python eval/evaluate.py --list                                         # tasks, suites, whether data is here
+    python eval/evaluate.py --adapter outputs/sentiment_smollm2_135m_4bits_r8_dora     # its recipe's eval_tasks
+    python eval/evaluate.py --adapter outputs/RECIPE --suite bundled --limit 50
+    python eval/evaluate.py --adapter outputs/RECIPE --suite bundled --with-base       # + base, side by side
+    python eval/evaluate.py --recipe sentiment_smollm2_135m_4bits_r8_dora              # = --adapter outputs/RECIPE
+    python eval/evaluate.py --recipe sentiment_smollm2_135m_4bits_r8_dora --base-only  # its base, zero-shot
+    python eval/evaluate.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct --tasks sentiment --quant-bits 4
+    python eval/evaluate.py --base-model DIR --tasks mytask --data mytask=my_test.jsonl --mode generate
+    python eval/evaluate.py --adapter outputs/RECIPE --tasks sentiment --export-lm-eval lm_eval_tasks  # for lm-eval
+
+--adapter reads the base model, its quantisation (quant_bits, bnb settings, dtype) and the prompt template from
+the adapter's recipe.json, so the adapter is scored on the base and the prompts it was trained with; --quant-bits
+overrides the quantisation. Results go to <adapter>/eval/ (or outputs/base_<model>[_<bits>bit]/eval/ for a base
+model, or --out): <task>.json and <task>.predictions.jsonl. Exit code 2 with one message for anything the user
+can fix (unknown task, malformed data row, a base model or adapter that cannot be loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from eval.harness.tasks import parse_data_overrides
+from lora.core.errors import ModelSourceError, UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QUANT_CHOICES = {"4": 4, "8": 8, "none": None, "16": None, "32": None}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip("/").split("/")[-1]) or "model"
+
+
+def model_plan(args: argparse.Namespace) -> dict:
+    """What to load: base model (name, path), quantisation recipe fields, template, adapter folder, tasks."""
+    from lora.adapters.folders import read_adapter_records, refuse_if_normalised, resolve_base_model_path
+    from lora.models.source import resolve_model_source
+
+    if args.recipe:
+        from lora.recipes.outputs import default_output_dir
+        from lora.recipes.registry import resolve_recipe
+
+        recipe = resolve_recipe(args.recipe, args.registry)
+        record = recipe.to_record()
+        if not args.base_only:
+            adapter_dir = default_output_dir(recipe)
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise UserError(
+                    f'recipe "{recipe.name}" has no trained adapter at {adapter_dir} yet. Train it first '
+                    f"(python lora/finetune.py {recipe.name}), or add --base-only to score its base model."
+                )
+            args.adapter = str(adapter_dir)
+        else:
+            source = resolve_model_source(args.base_model or recipe["base_model"], recipe.registry_path.parent)
+            return {"model": source.name, "path": source.path, "origin": source.origin, "settings": record,
+                    "adapter": None, "default_tasks": record.get("eval_tasks") or [],
+                    "default_limit": record.get("eval_limit"),
+                    "out": Path(args.out) if args.out else default_output_dir(recipe) / "eval_base"}
+    if args.adapter:
+        refuse_if_normalised(args.adapter)
+        records = read_adapter_records(args.adapter)
+        try:
+            path, origin = resolve_base_model_path(args.adapter, args.base_model)
+        except ModelSourceError as error:
+            message = f"the base model of adapter {records.adapter_dir} cannot be loaded: {error}"
+            raise ModelSourceError(message) from None
+        settings = dict(records.recipe or {})
+        return {"model": args.base_model or records.base_model, "path": path, "origin": origin,
+                "settings": settings, "adapter": records.adapter_dir, "is_dora": records.is_dora,
+                "default_tasks": settings.get("eval_tasks") or [], "default_limit": settings.get("eval_limit"),
+                "out": Path(args.out) if args.out else records.adapter_dir / "eval"}
+    if not args.base_model:
+        raise UserError("say what to evaluate: --adapter FOLDER, --recipe NAME, or --base-model ID_OR_FOLDER "
+                        "(see python eval/evaluate.py --help).")
+    source = resolve_model_source(args.base_model, None)
+    bits = QUANT_CHOICES[args.quant_bits] if args.quant_bits else None
+    name = f"base_{slug(args.base_model)}" + (f"_{bits}bit" if bits else "")
+    return {"model": source.name, "path": source.path, "origin": source.origin, "settings": {"quant_bits": bits},
+            "adapter": None, "default_tasks": [], "default_limit": None,
+            "out": Path(args.out) if args.out else REPO_ROOT / "outputs" / name / "eval"}
+
+
+def quantisation_settings(settings: dict, quant_bits_flag: str | None) -> dict:
+    """recipe-like fields for lora.models.quantisation.build_quantization_config (defaults where the record is silent)."""
+    fields = {"quant_bits": settings.get("quant_bits"),
+              "bnb_4bit_quant_type": settings.get("bnb_4bit_quant_type", "nf4"),
+              "bnb_4bit_use_double_quant": settings.get("bnb_4bit_use_double_quant", True),
+              "bnb_4bit_compute_dtype": settings.get("bnb_4bit_compute_dtype", "float32"),
+              "llm_int8_threshold": settings.get("llm_int8_threshold", 6.0),
+              "bnb_4bit_quant_storage": settings.get("bnb_4bit_quant_storage", "uint8"),
+              "dtype": settings.get("dtype", "float32")}
+    if quant_bits_flag is not None:
+        fields["quant_bits"] = QUANT_CHOICES[quant_bits_flag]
+    if fields["quant_bits"] not in (4, 8):
+        fields["quant_bits"] = None
+    return fields
+
+
+def tokenizer_folder(plan: dict) -> str:
+    """The adapter's own tokenizer (saved with it by the runner) when it has one, else the base model's."""
+    adapter = plan["adapter"]
+    has_tokenizer = adapter is not None and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    return str(adapter) if has_tokenizer else str(plan["path"])
+
+
+def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, limit: int | None) -> int:
+    """--export-lm-eval: write the task folder and print the lm_eval command that scores this adapter on it."""
+    from eval.harness.evaluation import prepare_tasks, task_targets
+    from eval.harness.lm_eval_export import export_tasks
+    from lora.models.loading import load_tokenizer
+
+    prepared = prepare_tasks(task_names, data_overrides=parse_data_overrides(args.data), registry=args.task_registry,
+                             limit=limit)
+    tokenizer = load_tokenizer(tokenizer_folder(plan))
+    source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
+    names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
+                         template=template, tokenizer=tokenizer, source=source)
+    model_args = f"pretrained={plan['path']}"
+    if plan["adapter"]:
+        model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan)}"
+    print(f"wrote {len(names)} lm-eval task(s) to {Path(args.export_lm_eval).resolve()} (prompt template "
+          f"{json.dumps(template)}). Score them with:\n"
+          f"  lm_eval --model hf --model_args {model_args} --include_path {Path(args.export_lm_eval).resolve()} "
+          f"--tasks {','.join(names)}")
+    if plan["settings"].get("quant_bits") in (4, 8):
+        print("(that base loads unquantised: lm-eval's load_in_4bit fails under transformers 5; to score the "
+              "quantised model, hand the loaded model to lm_eval.models.huggingface.HFLM(pretrained=model), "
+              "as README.md shows)")
+    return 0
+
+
+def load_model(plan: dict, quant_bits_flag: str | None):
+    """(model, tokenizer) for the plan: base (quantised as planned) with the adapter attached when there is one."""
+    from lora.models.loading import load_base_model, load_tokenizer
+    from lora.models.quantisation import build_quantization_config
+
+    quant = quantisation_settings(plan["settings"], quant_bits_flag)
+    plan["quant_bits"] = quant["quant_bits"]
+    dtype = plan["settings"].get("dtype", "float32")
+    try:
+        model = load_base_model(plan["path"], quant["quant_bits"], quantization_config=build_quantization_config(quant),
+                                dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelSourceError(f"cannot load the base model {plan['model']} from {plan['path']}: {error}") from None
+    adapter = plan["adapter"]
+    tokenizer = load_tokenizer(tokenizer_folder(plan))
+    if adapter is None:
+        return model, tokenizer
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(
+            f"the adapter {adapter} does not fit the base model {plan['model']} ({plan['path']}): "
+            f"{str(error).splitlines()[0]}. Pass the base it was trained on with --base-model."
+        ) from None
+    if plan.get("is_dora"):
+        from lora.adapters.fast_dora import enable_fast_dora
+
+        enable_fast_dora(model)  # same outputs as peft's DoRA; in eval mode the per-row norms are cached
+    return model, tokenizer

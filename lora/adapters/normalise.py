@@ -1,0 +1,254 @@
+"""Export a DoRA adapter with pre-normalised magnitudes for inference runtimes (TensorRT-LLM convention).
+
+Run from any folder (exit code 2 on a user error); the flags are those of TensorRT-LLM's
+examples/dora/normalize_weights.py:
+    .venv/bin/python lora/normalize_dora.py -i outputs/<recipe> -o exports/<recipe>-trtllm
+    .venv/bin/python lora/normalize_dora.py -i outputs/<recipe> -b ./my-base -o exports/x --w0 nf4
+
+DoRA's forward is y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + bias with g = m / ||W0 + s·B A||_row (s = alpha/r, or
+alpha/sqrt(r) with rsLoRA). Since the norm is constant at inference, a runtime can take g itself as the "magnitude"
+and just scale the rows of (base + LoRA) output. This tool writes exactly that: every `lora_magnitude_vector` is
+replaced by g (same key names, same shapes), computed in float32, with each module's own rank and alpha (peft's
+rank_pattern / alpha_pattern are honoured, TensorRT-LLM's own script ignores them).
+
+W0 is the base's unquantised weight by default, which is what `lora/merge.py` and a runtime serving the fp16/bf16
+base use. `--w0 nf4` uses the 4-bit dequantised weight the adapter saw in training instead (quantised with the
+settings in the adapter's recipe.json), for a runtime that serves the same 4-bit base.
+
+The output is marked as normalised (a field in adapter_config.json and dora_normalisation.json beside it): peft
+would divide by the norm a second time, so our own tools (merge, eval, serve) refuse to load it. Hand it only to a
+runtime that expects normalised magnitudes (TensorRT-LLM with `--dora_plugin=enable`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
+from lora.adapters.folders import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    NORMALISED_CONFIG_KEY,
+    NORMALISED_RECORD,
+    AdapterError,
+    check_output_folder,
+    copy_tokenizer_files,
+    read_adapter_records,
+    read_adapter_weights,
+    refuse_if_normalised,
+    resolve_base_model_path,
+    start_output_folder,
+)
+from lora.core.files import move_into_place
+
+W0_CHOICES = ("unquantised", "nf4")
+_ADAPTER_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
+
+
+def group_dora_modules(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
+    """Module name (as in the base model) -> {"A": key, "B": key, "m": key} for every module with a magnitude.
+
+    Raises:
+        AdapterError: a magnitude belongs to a module without linear LoRA factors (embedding or convolution DoRA,
+            which the row-scaling convention does not cover).
+    """
+    modules: dict[str, dict[str, str]] = {}
+    for key in weights:
+        match = _ADAPTER_KEY.match(key)
+        if match:
+            part = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m"}[match["part"]]
+            modules.setdefault(match["module"], {})[part] = key
+    dora = {name: parts for name, parts in modules.items() if "m" in parts}
+    for name, parts in dora.items():
+        if "A" not in parts or "B" not in parts or weights[parts["A"]].ndim != 2:
+            raise AdapterError(
+                f'module "{name}" has a DoRA magnitude but no linear LoRA factors (embedding or convolution DoRA); '
+                "only linear layers can be exported with normalised magnitudes."
+            )
+    return dora
+
+
+def module_scale(adapter_config: dict, module_name: str, rank: int) -> tuple[float, float]:
+    """(alpha, s) for one module, the way peft computes it: alpha_pattern first, then rsLoRA or plain alpha/r.
+
+    `rank` is read from the saved A factor, which is what rank_pattern produced at training time.
+    """
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = adapter_config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), adapter_config["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+    return float(alpha), float(scale)
+
+
+def direction_row_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W0 + s·B A|| per output row, in float32 ([out])."""
+    return torch.linalg.vector_norm(w0.float() + scale * (lora_b.float() @ lora_a.float()), dim=1)
+
+
+def load_base_weights(base_path: str, module_names: list[str], w0: str, recipe: dict | None) -> dict[str, torch.Tensor]:
+    """Float32 W0 ([out, in]) of each named module: as saved, or after the 4-bit round trip training saw.
+
+    Raises:
+        AdapterError: a module the adapter names does not exist in the base model (wrong base).
+    """
+    import bitsandbytes as bnb
+
+    from lora.models.loading import load_base_model
+
+    recipe = recipe or {}
+    if w0 == "nf4":
+        model = load_base_model(base_path, 4, quantization_config=training_4bit_config(recipe),
+                                dtype=recipe.get("dtype") if recipe.get("dtype") not in (None, "auto") else "float32")
+    else:
+        model = load_base_model(base_path, None, dtype="float32")
+    weights = {}
+    for name in module_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(
+                f'the adapter adapts "{name}", which the base model at {base_path} does not have: the adapter was '
+                "trained on another base. Pass the right one with -b/--base-model."
+            ) from None
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        else:
+            weight = module.weight.data
+        weights[name] = weight.detach().float().clone()
+    return weights
+
+
+def training_4bit_config(recipe: dict):
+    """The BitsAndBytesConfig the runner used for a 4-bit recipe (nf4 defaults when the recipe does not say)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type") or "nf4",
+        bnb_4bit_use_double_quant=bool(recipe.get("bnb_4bit_use_double_quant", False)),
+        bnb_4bit_compute_dtype=torch.float32,  # irrelevant here: we only dequantise the stored weight
+    )
+
+
+def normalise_magnitudes(
+    weights: dict[str, torch.Tensor], adapter_config: dict, base_weights: dict[str, torch.Tensor],
+    modules: dict[str, dict[str, str]],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Replace each magnitude m by m / ||W0 + s·B A||_row; returns the new tensors and a per-module record."""
+    normalised = dict(weights)
+    per_module = {}
+    for name, parts in sorted(modules.items()):
+        lora_a, lora_b, magnitude = weights[parts["A"]], weights[parts["B"]], weights[parts["m"]]
+        w0 = base_weights[name]
+        if adapter_config.get("fan_in_fan_out"):
+            w0 = w0.T  # Conv1D stores [in, out]; peft's DoRA norm is over output rows either way
+        if w0.shape != (lora_b.shape[0], lora_a.shape[1]) or magnitude.shape != (lora_b.shape[0],):
+            raise AdapterError(
+                f'module "{name}": base weight {tuple(w0.shape)} does not fit the adapter (B {tuple(lora_b.shape)}, '
+                f"A {tuple(lora_a.shape)}, magnitude {tuple(magnitude.shape)}): it was trained on another base."
+            )
+        alpha, scale = module_scale(adapter_config, name, lora_a.shape[0])
+        norm = direction_row_norm(w0, lora_a, lora_b, scale)
+        normalised[parts["m"]] = (magnitude.float() / norm).to(magnitude.dtype).contiguous()
+        per_module[name] = {"rank": int(lora_a.shape[0]), "alpha": alpha, "scale": scale}
+    return normalised, per_module
+
+
+def normalize_dora_adapter(
+    adapter_dir: str | Path,
+    out: str | Path,
+    base_model: str | None = None,
+    w0: str = "unquantised",
+    overwrite: bool = False,
+) -> dict:
+    """Write a copy of a DoRA adapter whose magnitudes are m / ||W0 + s·BA||_row, marked as normalised.
+
+    Args:
+        adapter_dir: a peft DoRA adapter folder.
+        out: the folder to write (must not exist unless `overwrite`).
+        base_model: the base model id or folder (default: the one the adapter's records name).
+        w0: "unquantised" (the saved base weights) or "nf4" (the 4-bit dequantised weights training saw).
+        overwrite: replace an existing `out`.
+
+    Returns:
+        The normalisation record (also written to `out/dora_normalisation.json`).
+
+    Raises:
+        AdapterError: not a DoRA adapter, already normalised, or it does not fit the base.
+    """
+    adapter_dir = Path(adapter_dir).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    if w0 not in W0_CHOICES:
+        raise AdapterError(f'--w0 must be one of {", ".join(W0_CHOICES)}, not "{w0}".')
+    records = read_adapter_records(adapter_dir)
+    refuse_if_normalised(adapter_dir)
+    if not records.is_dora:
+        raise AdapterError(
+            f"{adapter_dir} is a LoRA adapter (use_dora is false): it has no magnitudes, so there is nothing to "
+            "normalise. Runtimes load LoRA adapters as they are."
+        )
+    if w0 == "nf4" and records.recipe is not None and records.trained_quant_bits != 4:
+        trained = f"{records.trained_quant_bits}-bit" if records.trained_quant_bits else "unquantised"
+        raise AdapterError(
+            f"--w0 nf4 asks for the 4-bit weights training saw, but {adapter_dir}/recipe.json says the adapter was "
+            f"trained on an {trained} base. Use --w0 unquantised."
+        )
+    check_output_folder(out, overwrite, inputs=(adapter_dir,))
+    started = time.monotonic()
+    weights = read_adapter_weights(adapter_dir)
+    modules = group_dora_modules(weights)
+    if not modules:
+        raise AdapterError(f"{adapter_dir}/{ADAPTER_WEIGHTS} holds no lora_magnitude_vector tensors to normalise.")
+
+    base_path, origin = resolve_base_model_path(adapter_dir, base_model)
+    print(f"normalize: {len(modules)} DoRA modules, W0 = {w0} weights of {base_path}", flush=True)
+    base_weights = load_base_weights(base_path, sorted(modules), w0, records.recipe)
+    normalised, per_module = normalise_magnitudes(weights, records.adapter_config, base_weights, modules)
+
+    w0_record = {"kind": "unquantised", "dtype": "float32"}
+    if w0 == "nf4":
+        quant = training_4bit_config(records.recipe or {})
+        w0_record = {"kind": "4-bit dequantised (as seen in training)", "quant_type": quant.bnb_4bit_quant_type,
+                     "double_quant": quant.bnb_4bit_use_double_quant, "blocksize": 64}
+    record = {
+        "convention": "TensorRT-LLM examples/dora/normalize_weights.py: magnitude := m / ||W0 + s*B@A||_row",
+        "apply_as": "y = magnitude * (x @ W0.T + s * x @ A.T @ B.T) + bias   (rows of base + LoRA output scaled)",
+        "source_adapter": str(adapter_dir),
+        "base_model": base_model or records.base_model,
+        "base_model_path": base_path,
+        "base_model_origin": origin,
+        "w0": w0_record,
+        "adapter_trained_on_quant_bits": records.trained_quant_bits,
+        "norm_dtype": "float32",
+        "use_rslora": bool(records.adapter_config.get("use_rslora")),
+        "modules": per_module,
+        "warning": "peft, merge, eval and serve must not load this adapter: they would divide by the norm twice.",
+    }
+    config = dict(records.adapter_config)
+    config[NORMALISED_CONFIG_KEY] = True
+
+    from safetensors.torch import save_file
+
+    build = start_output_folder(out, overwrite, inputs=(adapter_dir,))
+    try:
+        save_file({key: tensor.contiguous() for key, tensor in normalised.items()}, str(build / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", NORMALISED_CONFIG_KEY: "true"})
+        (build / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (build / NORMALISED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        copy_tokenizer_files(adapter_dir, build)
+        move_into_place(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    print(f"normalize: wrote {out} ({time.monotonic() - started:.1f} s); it is marked as normalised, so merge, "
+          "eval and serve refuse it", flush=True)
+    return record

@@ -1,0 +1,291 @@
+"""Serve several LoRA/DoRA adapters on one base model over an OpenAI-style HTTP API (FastAPI + uvicorn).
+
+Run (from any folder; the server listens on 127.0.0.1:8000 unless told otherwise):
+    .venv/bin/python lora/serve.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
+        --adapter sentiment=outputs/sentiment --adapter ner=outputs/ner [--quant-bits 4|8] [--port 8000]
+    .venv/bin/python lora/serve.py --adapter sentiment=outputs/sentiment     # base taken from the adapter's records
+    export LORA_SERVE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    .venv/bin/python lora/serve.py --host 0.0.0.0 --adapter sentiment=outputs/sentiment   # other machines, with a key
+    curl -s HOST:8000/v1/models -H "Authorization: Bearer $LORA_SERVE_API_KEY"
+
+Then:
+    curl -s localhost:8000/v1/models
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"model": "sentiment", "prompt": "Shares rose 5%.", "max_tokens": 16, "temperature": 0}'
+    curl -s localhost:8000/v1/adapters -H 'Content-Type: application/json' -d '{"name": "v2", "path": "v2"}'
+    curl -s -X DELETE localhost:8000/v1/adapters/v2
+
+Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name as given to --base-model; `prompt`
+a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
+POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
+GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
+serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken, 400
+malformed JSON, a too-long prompt, an adapter path not under --adapter-root, an adapter that does not fit the base
+or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API key, 413 body too large,
+422 a field of the wrong type, 503 queue full.
+
+Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
+and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA
+adapter's norm ||W0 + s·BA|| is computed once at load and cached (peft's DoraCaching: about one extra dense weight
+matrix of memory per adapted layer), not per token.
+
+Guards: with an API key (--api-key KEY or the environment variable LORA_SERVE_API_KEY; prefer the variable, a
+flag shows in `ps`) every route but /health needs `Authorization: Bearer KEY` (401 otherwise). Listening beyond
+loopback (--host 0.0.0.0) without a key is refused unless --allow-unauthenticated-remote says so. POST /v1/adapters
+loads only folders under --adapter-root (default: outputs/ beside the registry); paths are relative to it, and a
+path outside it reads exactly like a missing one. Bodies over --max-request-bytes (default 1 MiB) get 413 before
+they are parsed; prompts are tokenised off the event loop, so a long one never stalls /health or other clients.
+Unknown routes (404) and wrong methods (405) answer in the same error format.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lora.core.errors import UserError
+from lora.recipes.outputs import outputs_root
+from lora.recipes.registry import DEFAULT_REGISTRY
+from lora.serving.batcher import GenerationBatcher, ServerBusyError
+from lora.serving.guards import (
+    DEFAULT_MAX_BODY_BYTES,
+    RequestGuard,
+    error_response,
+    resolve_client_adapter_path,
+)
+from lora.serving.host import (
+    ADAPTER_NAME_RULE,
+    AdapterConflictError,
+    AdapterHost,
+    BadRequestError,
+    GenerationRow,
+    ServedAdapter,
+    UnknownModelError,
+)
+
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_STOP_SEQUENCES = 4
+# The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.
+DEFAULT_ADAPTER_ROOT = outputs_root(DEFAULT_REGISTRY)
+ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
+_STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, ServerBusyError: 503}
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (OpenAI's fields that this server implements; any other field is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 completion per prompt is supported")
+    stream: bool = Field(False, description="streaming is not supported")
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        if isinstance(prompt, list) and not 1 <= len(prompt) <= MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(f"give 1 to {MAX_PROMPTS_PER_REQUEST} prompts per request")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or any(not sequence for sequence in stops):
+            raise ValueError(f"give at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
+        return stop
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream):
+        if stream:
+            raise ValueError("streaming is not supported; send stream: false")
+        return stream
+
+
+class AdapterLoadRequest(BaseModel):
+    """POST /v1/adapters: serve the adapter folder `path` (as the server's machine sees it) under `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str = Field(max_length=4096, description="a folder under the server's --adapter-root, relative to it")
+
+
+def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, window_ms: float = 10.0, max_batch_rows: int = 16):
+    """The FastAPI application serving `host` (its batching worker starts and stops with the app's lifespan).
+
+    Args:
+        host: the loaded base model with its adapters.
+        adapter_root: POST /v1/adapters loads only folders under this one.
+        api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies get 413 before they are parsed.
+        window_ms: how long a batch waits for more requests before it runs.
+        max_batch_rows: the most prompts one batched `generate` round takes.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    adapter_root = Path(os.path.realpath(adapter_root))
+
+    batcher = GenerationBatcher(host, window_ms=window_ms, max_batch_rows=max_batch_rows)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="lora-recipes adapter server", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.host = host
+    app.state.batcher = batcher
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, error: UserError):
+        status = next((code for kind, code in _STATUS_BY_ERROR.items() if isinstance(error, kind)), 400)
+        return error_response(status, str(error), type(error).__name__)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # Starlette's own answers (no such route, wrong method) in this server's format rather than {"detail": ...}.
+        where = f"{request.method} {request.url.path[:200]}"
+        if error.status_code == 404:
+            message = f"no route {where}. This server serves {ROUTES}."
+            if request.url.path.startswith("/v1/adapters/"):
+                message += f" Adapter names are {ADAPTER_NAME_RULE}."
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"{where}: method not allowed here (allowed: {allowed}). This server serves {ROUTES}."
+        else:
+            message = f"{where}: {error.detail}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, message, code, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        if any(problem.get("type") == "json_invalid" for problem in problems):
+            detail = "; ".join(str(problem.get("ctx", {}).get("error", problem.get("msg"))) for problem in problems)
+            return error_response(400, f"the request body is not valid JSON: {detail}.", "json_invalid")
+        return error_response(422, "; ".join(_describe_problem(problem) for problem in problems), "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        return error_response(500, f"internal error ({type(error).__name__}: {error}).", "internal_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": host.model_names(), **host.stats}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": _model_cards(host)}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(body: AdapterLoadRequest):
+        folder = await run_in_threadpool(resolve_client_adapter_path, adapter_root, body.path)
+        adapter = await batcher.call_on_model_thread(host.load_adapter, body.name, folder)
+        return {**_adapter_card(host, adapter), "notes": list(adapter.notes)}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        await batcher.call_on_model_thread(host.unload_adapter, name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest):
+        host.require_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # Off the event loop: a long prompt takes seconds to tokenise, and /health and every other client wait
+        # for the loop.
+        rows = [
+            GenerationRow(body.model, await run_in_threadpool(host.encode_prompt, prompt, body.max_tokens),
+                          body.max_tokens, body.temperature, body.top_p)
+            for prompt in prompts
+        ]
+        generated = await batcher.generate(rows)
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        choices = []
+        for index, result in enumerate(generated):
+            text, stopped = _cut_at_stop(host.decode(result.token_ids), stops)
+            finish_reason = "stop" if stopped else result.finish_reason
+            choices.append({"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None})
+        prompt_tokens = sum(len(row.prompt_ids) for row in rows)
+        completion_tokens = sum(len(result.token_ids) for result in generated)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    return app
+
+
+def _describe_problem(problem: dict) -> str:
+    where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+    return f"{where}: {problem.get('msg', 'invalid')}"
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the earliest stop sequence (excluded, as OpenAI does), and whether one was found."""
+    positions = [text.find(stop) for stop in stops if stop in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+def _model_cards(host: AdapterHost) -> list[dict]:
+    base = {"id": host.base_name, "object": "model", "created": 0, "owned_by": "lora-recipes", "root": host.base_path,
+            "parent": None, "kind": "base"}
+    return [base, *(_adapter_card(host, adapter) for adapter in list(host.adapters.values()))]
+
+
+def _adapter_card(host: AdapterHost, adapter: ServedAdapter) -> dict:
+    return {"id": adapter.name, "object": "model", "created": adapter.created, "owned_by": "lora-recipes",
+            "root": str(adapter.path), "parent": host.base_name, "kind": adapter.kind}
+
+
+def check_port_free(bind_host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does, so TIME_WAIT is no clash
+        try:
+            probe.bind((bind_host, port))
+        except OSError as error:
+            message = f"cannot listen on {bind_host}:{port} ({error.strerror}); pass another --port."
+            raise BadRequestError(message) from None
+
+
+def resolve_served_base(base_model: str | None, adapters: list[tuple[str, Path]]) -> tuple[str, str, str]:
+    """(name requests use, folder or hub id to load, one-line origin) of the base to serve.
+
+    `--base-model` when given; otherwise the base recorded in the first adapter (adapter_config.json, then its
+    recipe.json), resolved the way every tool of this project resolves it (lora/adapters/folders.py).
+    """
+    from lora.adapters.folders import read_adapter_records, resolve_base_model_path
+    from lora.models.source import resolve_model_source
+
+    if base_model:
+        source = resolve_model_source(base_model)
+        return base_model, source.path, source.origin
+    path, origin = resolve_base_model_path(adapters[0][1])
+    return read_adapter_records(adapters[0][1]).base_model, path, origin
