@@ -81,12 +81,11 @@ def resolved_recipe(args, **extra):
 def load_model(recipe):
     from lora.adapters.attach import attach_adapter
     from lora.models.loading import load_base_model
-    from lora.models.quantisation import build_quantization_config
+    from lora.models.quantisation import QuantisationSettings
     from lora.models.source import resolve_model_source
 
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
-    model = load_base_model(source.path, recipe["quant_bits"], quantization_config=build_quantization_config(recipe),
-                            dtype=recipe["dtype"])
+    model = load_base_model(source.path, QuantisationSettings.from_recipe(recipe))
     return source, attach_adapter(recipe, model)
 
 

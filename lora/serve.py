@@ -50,7 +50,7 @@ if __name__ == "__main__":  # run as a script: the project's packages import fro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora.core.errors import exit_on_user_error
-from lora.serving.app import DEFAULT_ADAPTER_ROOT, check_port_free, create_app, resolve_served_base
+from lora.serving.app import DEFAULT_ADAPTER_ROOT, check_port_free, create_app, resolve_served_base, served_quantisation
 from lora.serving.guards import (
     API_KEY_ENV,
     DEFAULT_MAX_BODY_BYTES,
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda record: "inputs will be cast" not in record.getMessage()
     )
     base_name, base_path, origin = resolve_served_base(args.base_model, adapters)
-    host = build_host(base_name, base_path=base_path, quant_bits=args.quant_bits, dtype=args.dtype)
+    quantisation = served_quantisation(adapters, args.quant_bits, args.dtype)
+    host = build_host(base_name, base_path=base_path, quantisation=quantisation)
     print(f"serve: base {base_name} ({origin}), context {host.context_length} tokens", flush=True)
     for name, folder in adapters:
         adapter = host.load_adapter(name, folder)

@@ -26,7 +26,7 @@ from conftest import REPO_ROOT
 from lora.adapters.attach import attach_adapter
 from lora.core.errors import RecipeError
 from lora.models.loading import load_base_model
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
@@ -136,8 +136,7 @@ def registry(tmp_path_factory, tiny_model_dir):
 
 def test_float_4bit_storage_keeps_every_frozen_parameter_in_one_dtype(registry):
     recipe = resolve_recipe("sharded_qlora", registry)
-    model = load_base_model(recipe["base_model"], 4, quantization_config=build_quantization_config(recipe),
-                            dtype=recipe["dtype"])
+    model = load_base_model(recipe["base_model"], QuantisationSettings.from_recipe(recipe))
     model = attach_adapter(recipe, model)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     packed = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
@@ -155,4 +154,4 @@ def test_float_4bit_storage_keeps_every_frozen_parameter_in_one_dtype(registry):
 def test_float_4bit_storage_must_match_the_recipe_dtype(registry):
     recipe = resolve_recipe("sharded_qlora", registry, ['dtype="float32"'])
     with pytest.raises(RecipeError, match='bnb_4bit_quant_storage is bfloat16 but dtype is float32'):
-        build_quantization_config(recipe)
+        QuantisationSettings.from_recipe(recipe).bitsandbytes_config()

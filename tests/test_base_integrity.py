@@ -20,13 +20,13 @@ from conftest import REPO_ROOT
 from lora.core.errors import ModelSourceError
 from lora.finetune import harness_scoring, main
 from lora.models.loading import load_base_model
-from lora.models.quantisation import count_quantised_layers
+from lora.models.quantisation import QuantisationSettings, count_quantised_layers
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
 from tiny_model import build_tiny_llama, build_tiny_tokenizer
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FOUR_BIT = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+FOUR_BIT = QuantisationSettings(bits=4, quant_type="nf4", double_quant=False, compute_dtype="float32")
 
 
 def _model_folder(folder, *, eos: bool):
@@ -82,20 +82,21 @@ def test_a_tokenizer_without_pad_nor_eos_token_is_refused_with_exit_2(tmp_path, 
 
 
 def test_quantised_layers_are_counted_on_the_loaded_modules(tiny_model_dir):
-    four = count_quantised_layers(load_base_model(str(tiny_model_dir), 4, quantization_config=FOUR_BIT))
+    four = count_quantised_layers(load_base_model(str(tiny_model_dir), FOUR_BIT))
     assert four == {"bits": 4, "linear4bit": 14, "linear8bit": 0, "plain_linear": 1, "quant_type": "nf4"}
-    eight = count_quantised_layers(load_base_model(str(tiny_model_dir), 8))
+    eight = count_quantised_layers(load_base_model(str(tiny_model_dir), QuantisationSettings(bits=8)))
     assert (eight["bits"], eight["linear8bit"], eight["linear4bit"], eight["quant_type"]) == (8, 14, 0, None)
-    plain = count_quantised_layers(load_base_model(str(tiny_model_dir), None))
+    plain = count_quantised_layers(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()))
     assert plain == {"bits": None, "linear4bit": 0, "linear8bit": 0, "plain_linear": 15, "quant_type": None}
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_quantised_request_that_loads_unquantised_is_an_error(tiny_model_dir, bits):
+def test_a_quantised_request_that_loads_unquantised_is_an_error(tiny_model_dir, bits, monkeypatch):
     # transformers skips the layers named in llm_int8_skip_modules without a word: here, every one of them.
     skip_all = [*LINEAR_NAMES, "lm_head"]
     config = (BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip_all) if bits == 4
               else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_all))
     with pytest.raises(ModelSourceError, match=f"asked for a {bits}-bit base but the loaded model has 0 4-bit, "
                                                f"0 8-bit and 15 unquantised linear layers"):
-        load_base_model(str(tiny_model_dir), bits, quantization_config=config)
+        monkeypatch.setattr(QuantisationSettings, "bitsandbytes_config", lambda self: config)
+        load_base_model(str(tiny_model_dir), QuantisationSettings(bits=bits))

@@ -11,16 +11,16 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BitsAndBytesConfig
 
 from lora.models import bnb_cpu_fixes
 from lora.models.loading import load_base_model
+from lora.models.quantisation import QuantisationSettings
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _dora_model(model_dir, quantization_config, repack: bool | None = None):
-    model = load_base_model(str(model_dir), None, quantization_config=quantization_config)
+def _dora_model(model_dir, quantisation, repack: bool | None = None):
+    model = load_base_model(str(model_dir), quantisation)
     if repack is not None:  # what an AVX512-BF16 CPU gets from bitsandbytes without the neutraliser
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
@@ -45,11 +45,11 @@ def _max_relative_error(grads, reference):
     return max(((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
 
 
-FOUR_BIT = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+FOUR_BIT = QuantisationSettings(bits=4, quant_type="nf4", double_quant=False, compute_dtype="bfloat16")
 
 
 def test_loaded_4bit_layers_never_repack_their_weights(tiny_model_dir):
-    model = load_base_model(str(tiny_model_dir), 4, quantization_config=FOUR_BIT)
+    model = load_base_model(str(tiny_model_dir), FOUR_BIT)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
 
@@ -89,7 +89,7 @@ def test_4bit_repacking_defect_is_real_without_the_neutraliser(tiny_model_dir):
 
 
 def _train_8bit_dora(model_dir, steps: int) -> list[float]:
-    model = _dora_model(model_dir, BitsAndBytesConfig(load_in_8bit=True))
+    model = _dora_model(model_dir, QuantisationSettings(bits=8))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     input_ids = torch.randint(2, 400, (4, 16), generator=torch.Generator().manual_seed(0))
     losses = []

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from lora.models.loading import load_tokenizer
+from lora.models.quantisation import QuantisationSettings
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import (
     IGNORE_INDEX,
@@ -92,7 +93,7 @@ def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
     from lora.models.loading import load_base_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    lm = HFLM(pretrained=load_base_model(str(tiny_model_dir), None), tokenizer=tokenizer, batch_size=1)
+    lm = HFLM(pretrained=load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()), tokenizer=tokenizer, batch_size=1)
     for row in load_rows(REPO_ROOT / "data/test/sentiment_test.jsonl")[:20]:
         text = prompt_text(row["context"], template, tokenizer)
         for label in ("negative", "neutral", "positive"):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from eval.harness.choices import score_row_choices
 from lora.models.loading import load_base_model, load_tokenizer
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.prompts.templates import encode_completion
 
 LABELS = ["negative", "neutral", "positive"]
@@ -84,7 +84,7 @@ def test_adapter_is_scored_on_its_recorded_base_quantisation_and_template(repo_r
 
     # The same scores in-process: 4-bit base as recorded, adapter attached; and the bare base scores differently.
     tokenizer = load_tokenizer(str(adapter_dir))
-    base = load_base_model(str(tiny_model_dir), 4, quantization_config=build_quantization_config(RECIPE)).eval()
+    base = load_base_model(str(tiny_model_dir), QuantisationSettings.from_recipe(RECIPE)).eval()
     rows = [json.loads(line) for line in sentiment_file.read_text().splitlines()][:6]
     pairs = [[(pair.prompt_ids, pair.answer_ids) for pair in
               (encode_completion(row["context"], label, "chat", tokenizer, close=False) for label in LABELS)]

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from eval.harness.choices import MIN_SHARED_PREFIX, common_prefix_length, score_choices, score_choices_one_row_per_label
 from eval.harness.evaluation import evaluate_tasks
 from lora.models.loading import load_base_model, load_tokenizer
+from lora.models.quantisation import QuantisationSettings
 from lora.prompts.generation import generate_greedy
 from lora.prompts.templates import encode_completion, encode_prompt
 
@@ -37,7 +38,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.mark.parametrize("quant_bits", [None, 4, 8])
 def test_shared_prefix_scores_equal_one_row_per_label(tiny_model_dir, tokenizer, quant_bits):
-    model = load_base_model(str(tiny_model_dir), quant_bits).eval()
+    model = load_base_model(str(tiny_model_dir), QuantisationSettings(bits=quant_bits, double_quant=False, compute_dtype="float32")).eval()
     labels = LABELS + ["strong buy on revenue"]  # a multi-token label exercises the per-label mask
     for template in ("plain", "chat"):
         rows = sentiment_rows(7)
@@ -56,7 +57,7 @@ def test_shared_prefix_scores_equal_one_row_per_label(tiny_model_dir, tokenizer,
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dir, tokenizer):
-    model = load_base_model(str(tiny_model_dir), None).eval()
+    model = load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()).eval()
     prompts = [encode_prompt(row["context"], "plain", tokenizer) for row in sentiment_rows(5)]
     assert len({len(p) for p in prompts}) > 1  # padding is really needed
     arguments = {"max_new_tokens": 5, "pad_id": tokenizer.pad_token_id, "stop_ids": [tokenizer.eos_token_id]}
@@ -76,7 +77,7 @@ def test_evaluate_tasks_on_a_peft_model_in_train_mode(tiny_model_dir, tokenizer,
     sentiment = write_jsonl(tmp_path / "sentiment.jsonl", sentiment_rows(10))
     numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"context": f"{i} plus 1 is\nAnswer: ", "target": str(i + 1)}
                                                        for i in range(4)])
-    base = load_base_model(str(tiny_model_dir), None)
+    base = load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())
     base_scores = evaluate_tasks(base, tokenizer, ["sentiment"], prompt_template="plain", progress=False,
                                  data_overrides={"sentiment": str(sentiment)}, out_dir=tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))

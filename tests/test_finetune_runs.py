@@ -13,7 +13,7 @@ from peft import PeftModel
 from conftest import REPO_ROOT
 from lora.finetune import harness_scoring, main
 from lora.models.loading import load_base_model
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
 
@@ -72,8 +72,7 @@ def test_training_run_writes_a_reloadable_adapter(registry, tmp_path, name):
     assert config["use_dora"] is recipe["use_dora"] and config["base_model_name_or_path"] == str(recipe["base_model"])
 
     # A freshly quantised base + the saved adapter (stock peft, no project code) gives the trained model's logits.
-    base = load_base_model(recipe["base_model"], recipe["quant_bits"],
-                           quantization_config=build_quantization_config(recipe))
+    base = load_base_model(recipe["base_model"], QuantisationSettings.from_recipe(recipe))
     reloaded = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(_logits(reloaded, result.tokenizer), _logits(result.model, result.tokenizer),
                                rtol=1e-5, atol=1e-5)

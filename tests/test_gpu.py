@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 from lora.adapters import fast_dora
 from lora.finetune import harness_scoring
 from lora.models.loading import load_base_model
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
 
@@ -90,8 +90,7 @@ def test_runner_trains_on_cuda_and_the_adapter_reloads_with_identical_logits(tra
     assert summary["final_loss"] < summary["first_loss"]
     assert next(result.model.parameters()).is_cuda or not ON_CUDA
     base = load_base_model(
-        recipe["base_model"], recipe["quant_bits"], quantization_config=build_quantization_config(recipe)
-    )
+        recipe["base_model"], QuantisationSettings.from_recipe(recipe))
     reloaded = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(
         prompt_logits(reloaded, result.tokenizer), prompt_logits(result.model, result.tokenizer), rtol=1e-5, atol=1e-5
@@ -189,7 +188,7 @@ def test_server_answers_a_completion_on_cuda(trained):
     from lora.serving.host import build_host
 
     recipe, _, out = trained["cuda_dora_4bit"]
-    host = build_host(str(recipe["base_model"]), quant_bits=4)
+    host = build_host(str(recipe["base_model"]), quantisation=QuantisationSettings.from_recipe(recipe))
     host.load_adapter("dora", out)
     with TestClient(create_app(host, window_ms=5)) as client:
         response = client.post(

@@ -15,7 +15,7 @@ from lora.adapters.attach import attach_adapter
 from lora.core.errors import RecipeError
 from lora.finetune import harness_scoring
 from lora.models.loading import load_base_model, load_tokenizer
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.prompts.rewards import REWARDS, Sample, build_trl_reward, infer_labels, register_reward
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import encode_prompt, prompt_text
@@ -216,7 +216,7 @@ def registry(tmp_path_factory, tiny_model_dir):
 def test_grpo_recipe_runs_end_to_end_on_tiny_4bit_dora(registry, tmp_path):
     recipe = resolve_recipe("tiny_grpo_4bit_dora", registry)
     tokenizer = load_tokenizer(recipe["base_model"])
-    base = load_base_model(recipe["base_model"], 4, quantization_config=build_quantization_config(recipe))
+    base = load_base_model(recipe["base_model"], QuantisationSettings.from_recipe(recipe))
     STEERABLE_TOKENS.update(steerable_half_of_vocabulary(base))
     prompts = [encode_prompt(row["context"], "plain", tokenizer) for row in load_rows(SENTIMENT)[:12]]
     before = probability_of_set(base, tokenizer, prompts, STEERABLE_TOKENS, recipe["temperature"])
@@ -248,14 +248,14 @@ def test_grpo_recipe_runs_end_to_end_on_tiny_4bit_dora(registry, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["peft_type"] == "LORA"
     assert json.loads((out / "recipe.json").read_text())["trainer"] == "grpo"
-    fresh = load_base_model(recipe["base_model"], 4, quantization_config=build_quantization_config(recipe))
+    fresh = load_base_model(recipe["base_model"], QuantisationSettings.from_recipe(recipe))
     reloaded = PeftModel.from_pretrained(fresh, out)
     torch.testing.assert_close(_logits(reloaded, tokenizer), _logits(model, tokenizer), rtol=1e-5, atol=1e-5)
 
 
 def test_grpo_resume_continues_bit_identically(registry, tmp_path, tiny_model_dir):
     recipe = resolve_recipe("tiny_grpo_fp32_lora", registry)
-    STEERABLE_TOKENS.update(steerable_half_of_vocabulary(load_base_model(str(tiny_model_dir), None)))
+    STEERABLE_TOKENS.update(steerable_half_of_vocabulary(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())))
     straight = run_recipe(recipe, tmp_path / "straight", scoring=harness_scoring())
     checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
     resumed = run_recipe(recipe, tmp_path / "resumed", resume=str(checkpoint), scoring=harness_scoring())

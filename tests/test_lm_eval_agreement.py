@@ -17,6 +17,7 @@ from eval.harness.evaluation import evaluate_tasks, prepare_tasks, task_targets
 from eval.harness.lm_eval_export import export_tasks
 from lora.finetune import harness_scoring
 from lora.models.loading import load_base_model, load_tokenizer
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
 
@@ -51,7 +52,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     export = folder / "lm_eval_tasks"
     names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], export,
                          template="plain", tokenizer=tokenizer)
-    model = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), None), str(out)).eval()
+    model = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()), str(out)).eval()
     ours = evaluate_tasks(model, tokenizer, ["sentiment"], prompt_template="plain", mode="choice",
                           data_overrides={"sentiment": str(test)}, progress=False, out_dir=folder / "ours")
     predictions = [json.loads(line)["prediction"]

@@ -24,7 +24,7 @@ from lora.models.memory import (
     model_shape_from_config,
     trainable_parameter_count,
 )
-from lora.models.quantisation import build_quantization_config
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 
 # FinLoRA, docs/source/benchmark_results/resources.rst ("GPU Memory Usage for Fine-tuning", Llama-3.1-8B on NER,
@@ -129,8 +129,7 @@ def small_llama(tmp_path_factory):
 def test_weight_and_adapter_bytes_match_the_model_the_runner_builds(small_llama, overrides):
     folder, registry = small_llama
     recipe = resolve_recipe("small", registry, overrides + ["use_dora=true"])
-    model = load_base_model(str(folder), recipe["quant_bits"], quantization_config=build_quantization_config(recipe),
-                            dtype=recipe["dtype"])
+    model = load_base_model(str(folder), QuantisationSettings.from_recipe(recipe))
     model = attach_adapter(recipe, model)
     shape = model_shape_from_config(model.base_model.model.config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -161,7 +160,7 @@ def _saved_activation_bytes(model, batch) -> int:
 def test_activation_bytes_match_what_autograd_keeps(small_llama, overrides):
     folder, registry = small_llama
     recipe = resolve_recipe("small", registry, overrides)
-    model = load_base_model(str(folder), recipe["quant_bits"], quantization_config=build_quantization_config(recipe))
+    model = load_base_model(str(folder), QuantisationSettings.from_recipe(recipe))
     model = attach_adapter(recipe, model)
     model.train()
     tokens = torch.randint(0, 512, (recipe["batch_size"], recipe["max_seq_length"]))

@@ -102,8 +102,8 @@ def test_normalised_magnitudes_reproduce_unmerged_dora_as_row_scaling(tiny_model
 
 
 def test_nf4_w0_reproduces_dora_on_the_4bit_base_it_was_trained_on(tiny_model_dir, tmp_path):
-    from lora.adapters.normalise import training_4bit_config
     from lora.models.loading import load_base_model
+    from lora.models.quantisation import QuantisationSettings
 
     recipe = {"quant_bits": 4, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "dtype": "float32"}
     adapter = save_random_adapter(tiny_model_dir, tmp_path / "qdora", use_dora=True, recipe=recipe)
@@ -112,7 +112,7 @@ def test_nf4_w0_reproduces_dora_on_the_4bit_base_it_was_trained_on(tiny_model_di
     assert nf4["w0"]["quant_type"] == "nf4" and nf4["w0"]["double_quant"] is True
 
     def load_4bit():
-        return load_base_model(str(tiny_model_dir), 4, quantization_config=training_4bit_config(recipe)).eval()
+        return load_base_model(str(tiny_model_dir), QuantisationSettings.from_recipe(recipe)).eval()
 
     reference = peft_reference(load_4bit(), adapter)
     expected = logits(reference)

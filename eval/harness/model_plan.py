@@ -70,6 +70,7 @@ def model_plan(args: argparse.Namespace) -> dict:
             raise ModelSourceError(message) from None
         settings = dict(records.recipe or {})
         return {"model": args.base_model or records.base_model, "path": path, "origin": origin,
+                "base_override": args.base_model,
                 "settings": settings, "adapter": records.adapter_dir, "is_dora": records.is_dora,
                 "default_tasks": settings.get("eval_tasks") or [], "default_limit": settings.get("eval_limit"),
                 "out": Path(args.out) if args.out else records.adapter_dir / "eval"}
@@ -84,44 +85,36 @@ def model_plan(args: argparse.Namespace) -> dict:
             "out": Path(args.out) if args.out else REPO_ROOT / "outputs" / name / "eval"}
 
 
-def quantisation_settings(settings: dict, quant_bits_flag: str | None) -> dict:
-    """recipe-like fields for lora.models.quantisation.build_quantization_config (defaults where the record is silent)."""
-    fields = {"quant_bits": settings.get("quant_bits"),
-              "bnb_4bit_quant_type": settings.get("bnb_4bit_quant_type", "nf4"),
-              "bnb_4bit_use_double_quant": settings.get("bnb_4bit_use_double_quant", True),
-              "bnb_4bit_compute_dtype": settings.get("bnb_4bit_compute_dtype", "float32"),
-              "llm_int8_threshold": settings.get("llm_int8_threshold", 6.0),
-              "bnb_4bit_quant_storage": settings.get("bnb_4bit_quant_storage", "uint8"),
-              "dtype": settings.get("dtype", "float32")}
-    if quant_bits_flag is not None:
-        fields["quant_bits"] = QUANT_CHOICES[quant_bits_flag]
-    if fields["quant_bits"] not in (4, 8):
-        fields["quant_bits"] = None
-    return fields
+def plan_quantisation(plan: dict, quant_bits_flag: str | None):
+    """The base's QuantisationSettings: as the adapter (or the recipe) records them, at --quant-bits' width when
+    given."""
+    from lora.adapters.folders import read_adapter_records
+    from lora.adapters.inference import AS_TRAINED, quantisation_for_adapter
+    from lora.models.quantisation import QuantisationSettings
 
-
-def tokenizer_folder(plan: dict) -> str:
-    """The adapter's own tokenizer (saved with it by the runner) when it has one, else the base model's."""
-    adapter = plan["adapter"]
-    has_tokenizer = adapter is not None and any((adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
-    return str(adapter) if has_tokenizer else str(plan["path"])
+    bits = QUANT_CHOICES[quant_bits_flag] if quant_bits_flag is not None else AS_TRAINED
+    if plan["adapter"] is not None:
+        return quantisation_for_adapter(read_adapter_records(plan["adapter"]), bits)
+    settings = QuantisationSettings.from_recipe(plan["settings"])
+    return settings if bits == AS_TRAINED else settings.with_bits(bits)
 
 
 def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, limit: int | None) -> int:
     """--export-lm-eval: write the task folder and print the lm_eval command that scores this adapter on it."""
     from eval.harness.evaluation import prepare_tasks, task_targets
     from eval.harness.lm_eval_export import export_tasks
+    from lora.adapters.inference import tokenizer_folder
     from lora.models.loading import load_tokenizer
 
     prepared = prepare_tasks(task_names, data_overrides=parse_data_overrides(args.data), registry=args.task_registry,
                              limit=limit)
-    tokenizer = load_tokenizer(tokenizer_folder(plan))
+    tokenizer = load_tokenizer(tokenizer_folder(plan["adapter"], plan["path"]))
     source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
     names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
                          template=template, tokenizer=tokenizer, source=source)
     model_args = f"pretrained={plan['path']}"
     if plan["adapter"]:
-        model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan)}"
+        model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan['adapter'], plan['path'])}"
     print(f"wrote {len(names)} lm-eval task(s) to {Path(args.export_lm_eval).resolve()} (prompt template "
           f"{json.dumps(template)}). Score them with:\n"
           f"  lm_eval --model hf --model_args {model_args} --include_path {Path(args.export_lm_eval).resolve()} "
@@ -135,32 +128,11 @@ def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, l
 
 def load_model(plan: dict, quant_bits_flag: str | None):
     """(model, tokenizer) for the plan: base (quantised as planned) with the adapter attached when there is one."""
-    from lora.models.loading import load_base_model, load_tokenizer
-    from lora.models.quantisation import build_quantization_config
+    from lora.adapters.inference import load_adapter_for_inference, load_inference_base
 
-    quant = quantisation_settings(plan["settings"], quant_bits_flag)
-    plan["quant_bits"] = quant["quant_bits"]
-    dtype = plan["settings"].get("dtype", "float32")
-    try:
-        model = load_base_model(plan["path"], quant["quant_bits"], quantization_config=build_quantization_config(quant),
-                                dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelSourceError(f"cannot load the base model {plan['model']} from {plan['path']}: {error}") from None
-    adapter = plan["adapter"]
-    tokenizer = load_tokenizer(tokenizer_folder(plan))
-    if adapter is None:
-        return model, tokenizer
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise UserError(
-            f"the adapter {adapter} does not fit the base model {plan['model']} ({plan['path']}): "
-            f"{str(error).splitlines()[0]}. Pass the base it was trained on with --base-model."
-        ) from None
-    if plan.get("is_dora"):
-        from lora.adapters.fast_dora import enable_fast_dora
-
-        enable_fast_dora(model)  # same outputs as peft's DoRA; in eval mode the per-row norms are cached
-    return model, tokenizer
+    quantisation = plan_quantisation(plan, quant_bits_flag)
+    plan["quant_bits"] = quantisation.bits
+    if plan["adapter"] is None:
+        return load_inference_base(plan["model"], plan["path"], quantisation)
+    loaded = load_adapter_for_inference(plan["adapter"], base_override=plan["base_override"], quantisation=quantisation)
+    return loaded.model, loaded.tokenizer

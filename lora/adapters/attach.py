@@ -9,7 +9,7 @@ from torch import nn
 
 import lora.models.bnb_cpu_fixes  # noqa: F401  (must run before any quantised model is built)
 from lora.core.errors import RecipeError
-from lora.models.quantisation import stores_4bit_as_float
+from lora.models.quantisation import QuantisationSettings
 
 
 def find_linear_module_names(model) -> list[str]:
@@ -71,7 +71,7 @@ def attach_adapter(recipe, model):
     # No KV cache while training: it is useless there, and its presence switches off transformers' detection of
     # packed sequences (attention would then leak across packed examples).
     model.config.use_cache = False
-    if recipe.quantised and not stores_4bit_as_float(recipe):
+    if recipe.quantised and not QuantisationSettings.from_recipe(recipe).stores_4bit_as_float:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe["gradient_checkpointing"],

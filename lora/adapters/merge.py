@@ -26,6 +26,7 @@ from lora.adapters.folders import check_output_folder, read_adapter_records, ref
 from lora.adapters.inference import load_base_for_adapter
 from lora.core.errors import UserError
 from lora.core.files import move_into_place
+from lora.models.quantisation import QuantisationSettings
 
 MERGE_RECORD = "merge_record.json"
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -129,7 +130,9 @@ def merge_adapter(
     check_output_folder(out, overwrite, inputs=(adapter_dir,))
 
     started = time.monotonic()
-    model, tokenizer, base_path, origin = load_base_for_adapter(adapter_dir, base_model, dtype="float32")
+    base = load_base_for_adapter(adapter_dir, base_override=base_model,
+                                 quantisation=QuantisationSettings.unquantised("float32"))
+    model, tokenizer, base_path, origin = base.model, base.tokenizer, base.base_path, base.base_origin
     refuse_quantised_base(model, base_path)
     dtype_name = DTYPE_NAMES[dtype] if dtype else default_dtype_name(base_path)
     kind = "DoRA" if records.is_dora else "LoRA"

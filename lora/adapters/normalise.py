@@ -43,10 +43,11 @@ from lora.adapters.folders import (
     read_adapter_records,
     read_adapter_weights,
     refuse_if_normalised,
-    resolve_base_model_path,
     start_output_folder,
 )
+from lora.adapters.inference import load_base_for_adapter, quantisation_for_adapter
 from lora.core.files import move_into_place
+from lora.models.quantisation import QuantisationSettings
 
 W0_CHOICES = ("unquantised", "nf4")
 _ADAPTER_KEY = re.compile(
@@ -95,22 +96,21 @@ def direction_row_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
     return torch.linalg.vector_norm(w0.float() + scale * (lora_b.float() @ lora_a.float()), dim=1)
 
 
-def load_base_weights(base_path: str, module_names: list[str], w0: str, recipe: dict | None) -> dict[str, torch.Tensor]:
-    """Float32 W0 ([out, in]) of each named module: as saved, or after the 4-bit round trip training saw.
+def w0_quantisation(records, w0: str) -> QuantisationSettings:
+    """How to load W0: 4-bit exactly as training quantised it (recipe.json), or unquantised float32."""
+    if w0 == "nf4":
+        return quantisation_for_adapter(records, bits=4, dtype=None)
+    return QuantisationSettings.unquantised("float32")
+
+
+def base_weights_of(model, module_names: list[str], base_path: str) -> dict[str, torch.Tensor]:
+    """Float32 W0 ([out, in]) of each named module of a loaded base (4-bit layers dequantised).
 
     Raises:
         AdapterError: a module the adapter names does not exist in the base model (wrong base).
     """
     import bitsandbytes as bnb
 
-    from lora.models.loading import load_base_model
-
-    recipe = recipe or {}
-    if w0 == "nf4":
-        model = load_base_model(base_path, 4, quantization_config=training_4bit_config(recipe),
-                                dtype=recipe.get("dtype") if recipe.get("dtype") not in (None, "auto") else "float32")
-    else:
-        model = load_base_model(base_path, None, dtype="float32")
     weights = {}
     for name in module_names:
         try:
@@ -126,18 +126,6 @@ def load_base_weights(base_path: str, module_names: list[str], w0: str, recipe: 
             weight = module.weight.data
         weights[name] = weight.detach().float().clone()
     return weights
-
-
-def training_4bit_config(recipe: dict):
-    """The BitsAndBytesConfig the runner used for a 4-bit recipe (nf4 defaults when the recipe does not say)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type") or "nf4",
-        bnb_4bit_use_double_quant=bool(recipe.get("bnb_4bit_use_double_quant", False)),
-        bnb_4bit_compute_dtype=torch.float32,  # irrelevant here: we only dequantise the stored weight
-    )
 
 
 def normalise_magnitudes(
@@ -210,16 +198,18 @@ def normalize_dora_adapter(
     if not modules:
         raise AdapterError(f"{adapter_dir}/{ADAPTER_WEIGHTS} holds no lora_magnitude_vector tensors to normalise.")
 
-    base_path, origin = resolve_base_model_path(adapter_dir, base_model)
+    quantisation = w0_quantisation(records, w0)
+    base = load_base_for_adapter(adapter_dir, base_override=base_model, quantisation=quantisation)
+    base_path, origin = base.base_path, base.base_origin
     print(f"normalize: {len(modules)} DoRA modules, W0 = {w0} weights of {base_path}", flush=True)
-    base_weights = load_base_weights(base_path, sorted(modules), w0, records.recipe)
+    base_weights = base_weights_of(base.model, sorted(modules), base_path)
+    del base
     normalised, per_module = normalise_magnitudes(weights, records.adapter_config, base_weights, modules)
 
     w0_record = {"kind": "unquantised", "dtype": "float32"}
     if w0 == "nf4":
-        quant = training_4bit_config(records.recipe or {})
-        w0_record = {"kind": "4-bit dequantised (as seen in training)", "quant_type": quant.bnb_4bit_quant_type,
-                     "double_quant": quant.bnb_4bit_use_double_quant, "blocksize": 64}
+        w0_record = {"kind": "4-bit dequantised (as seen in training)", "quant_type": quantisation.quant_type,
+                     "double_quant": quantisation.double_quant, "blocksize": 64}
     record = {
         "convention": "TensorRT-LLM examples/dora/normalize_weights.py: magnitude := m / ||W0 + s*B@A||_row",
         "apply_as": "y = magnitude * (x @ W0.T + s * x @ A.T @ B.T) + bias   (rows of base + LoRA output scaled)",

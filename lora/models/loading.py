@@ -13,7 +13,13 @@ import torch
 
 import lora.models.bnb_cpu_fixes  # noqa: F401  (must run before any quantised model is built)
 from lora.core.errors import ModelSourceError
-from lora.models.quantisation import count_quantised_layers, quantisation_mismatch, requested_bits, torch_dtype
+from lora.models.quantisation import (
+    QuantisationSettings,
+    count_quantised_layers,
+    quantisation_mismatch,
+    requested_bits,
+    torch_dtype,
+)
 
 
 def device_map_for_this_process():
@@ -48,30 +54,20 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(
-    model_path: str,
-    quant_bits: int | None,
-    *,
-    quantization_config=None,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-):
-    """A causal LM, quantised per `quantization_config` (built from quant_bits defaults when not given).
+def load_base_model(model_path: str, quantisation: QuantisationSettings, *, trust_remote_code: bool = False):
+    """A causal LM loaded as `quantisation` says (bitsandbytes 4-bit/8-bit, or unquantised in its dtype).
 
     A quantised request is checked on the loaded layers: a 4-bit (8-bit) request that produced no 4-bit (8-bit)
     bitsandbytes layer is an error, never a silently unquantised base.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    if quantization_config is None and quant_bits == 4:
-        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    elif quantization_config is None and quant_bits == 8:
-        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    quantization_config = quantisation.bitsandbytes_config()
     check_weight_files(model_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
-            dtype=torch_dtype(dtype),
+            dtype=torch_dtype(quantisation.dtype),
             quantization_config=quantization_config,
             device_map=device_map_for_this_process(),
             trust_remote_code=trust_remote_code,

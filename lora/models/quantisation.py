@@ -8,9 +8,14 @@ patches), so that bench/peer_axolotl.py can count another tool's model with the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import nn
 
+from lora.core.compute_dtype import AUTO, choose_dtype
 from lora.core.errors import RecipeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,38 +29,106 @@ def torch_dtype(name: str):
 
 
 
-def build_quantization_config(recipe):
-    """`BitsAndBytesConfig` for 4-bit/8-bit recipes, None for an unquantised base."""
-    from transformers import BitsAndBytesConfig
-
-    # Callers outside the runner (eval, serve, merge) pass partial dicts read from an adapter's recipe.json.
-    storage = recipe.get("bnb_4bit_quant_storage", "uint8")
-    if stores_4bit_as_float(recipe) and storage != recipe.get("dtype", "float32"):
-        raise RecipeError(
-            f'recipe "{getattr(recipe, "name", "?")}": bnb_4bit_quant_storage is {storage} but dtype is '
-            f'{recipe["dtype"]}; FSDP/ZeRO-3 can only shard a 4-bit base whose unquantised parameters have the '
-            f'storage dtype: set dtype "{recipe["bnb_4bit_quant_storage"]}" (or the storage back to "uint8").'
-        )
-    if recipe["quant_bits"] == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=recipe["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=recipe["bnb_4bit_use_double_quant"],
-            bnb_4bit_compute_dtype=DTYPES[recipe["bnb_4bit_compute_dtype"]],
-            bnb_4bit_quant_storage=STORAGE_DTYPES[storage],
-        )
-    if recipe["quant_bits"] == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=recipe["llm_int8_threshold"])
-    return None
+# Recipe fields (finetune_configs.json, recipe.json) -> QuantisationSettings attributes.
+SETTINGS_FIELDS = {
+    "quant_bits": "bits",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "bnb_4bit_quant_storage": "storage",
+    "llm_int8_threshold": "int8_threshold",
+    "dtype": "dtype",
+}
 
 
-def stores_4bit_as_float(recipe) -> bool:
-    """A 4-bit base whose packed weights live in a float dtype: the layout FSDP and ZeRO-3 can shard.
+@dataclass(frozen=True)
+class QuantisationSettings:
+    """How a base model is loaded: the one object training, evaluation, serving, merge and normalisation build a
+    base from, so that an adapter always meets the base it was trained on.
 
-    Sharding flattens the parameters of a block into one tensor of a single dtype, so such a base keeps every
-    unquantised parameter in the recipe's `dtype` (equal to the storage dtype) instead of peft's float32 upcast.
+    Built from a resolved recipe or from an adapter's saved recipe.json (`from_recipe`); a field a record lacks
+    takes the recipe schema's default, the same default training would have used.
     """
-    return recipe["quant_bits"] == 4 and recipe.get("bnb_4bit_quant_storage", "uint8") != "uint8"
+
+    bits: int | None  # 4 or 8 through bitsandbytes; None: unquantised
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    storage: str = "uint8"  # container dtype of packed 4-bit weights
+    int8_threshold: float = 6.0
+    dtype: str = "float32"  # the unquantised parameters (the whole model when bits is None)
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any]) -> QuantisationSettings:
+        """From a resolved `Recipe` or a recipe.json dict; missing fields take the schema's defaults."""
+        defaults = schema_defaults()
+        values = {}
+        for field_name, attribute in SETTINGS_FIELDS.items():
+            value = recipe.get(field_name, defaults.get(field_name))
+            values[attribute] = value if value is not None or field_name == "quant_bits" else defaults[field_name]
+        values["bits"] = values["bits"] if values["bits"] in (4, 8) else None
+        for attribute in ("compute_dtype", "dtype"):
+            if values[attribute] == AUTO:  # a hand-written record; a resolved recipe holds the chosen dtype
+                values[attribute] = choose_dtype()[0]
+        settings = cls(**values)
+        if settings.stores_4bit_as_float and settings.storage != settings.dtype:
+            raise RecipeError(
+                f'recipe "{getattr(recipe, "name", "?")}": bnb_4bit_quant_storage is {settings.storage} but dtype is '
+                f'{settings.dtype}; FSDP/ZeRO-3 can only shard a 4-bit base whose unquantised parameters have the '
+                f'storage dtype: set dtype "{settings.storage}" (or the storage back to "uint8").'
+            )
+        return settings
+
+    @classmethod
+    def unquantised(cls, dtype: str = "float32") -> QuantisationSettings:
+        return cls(bits=None, dtype=dtype)
+
+    def with_bits(self, bits: int | None) -> QuantisationSettings:
+        """The same settings at another width (a --quant-bits flag): 4-bit keeps the recorded quant type,
+        double quantisation and compute dtype."""
+        return replace(self, bits=bits if bits in (4, 8) else None)
+
+    @property
+    def stores_4bit_as_float(self) -> bool:
+        """A 4-bit base whose packed weights live in a float dtype: the layout FSDP and ZeRO-3 can shard.
+
+        Sharding flattens the parameters of a block into one tensor of a single dtype, so such a base keeps every
+        unquantised parameter in `dtype` (equal to the storage dtype) instead of peft's float32 upcast.
+        """
+        return self.bits == 4 and self.storage != "uint8"
+
+    def bitsandbytes_config(self):
+        """`BitsAndBytesConfig` for 4-bit/8-bit settings, None for an unquantised base."""
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 4:
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.quant_type,
+                bnb_4bit_use_double_quant=self.double_quant,
+                bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
+                bnb_4bit_quant_storage=STORAGE_DTYPES[self.storage],
+            )
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.int8_threshold)
+        return None
+
+    def describe(self) -> str:
+        """One line for logs and records: e.g. "4-bit nf4, double quantisation, bfloat16 compute"."""
+        if self.bits == 4:
+            return (f"4-bit {self.quant_type}, {'double quantisation' if self.double_quant else 'no double quantisation'}"
+                    f", {self.compute_dtype} compute")
+        if self.bits == 8:
+            return f"8-bit, int8 threshold {self.int8_threshold:g}"
+        return f"unquantised, {self.dtype}"
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The recipe schema's default of every quantisation field."""
+    from lora.recipes.registry import load_schema
+
+    properties = load_schema()["properties"]
+    return {field_name: properties[field_name].get("default") for field_name in SETTINGS_FIELDS}
 
 
 def count_quantised_layers(model: nn.Module) -> dict:

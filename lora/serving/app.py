@@ -49,7 +49,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lora.adapters.folders import read_adapter_records
+from lora.adapters.inference import quantisation_for_adapter
 from lora.core.errors import UserError
+from lora.models.quantisation import QuantisationSettings
 from lora.recipes.outputs import outputs_root
 from lora.recipes.registry import DEFAULT_REGISTRY
 from lora.serving.batcher import GenerationBatcher, ServerBusyError
@@ -289,3 +292,11 @@ def resolve_served_base(base_model: str | None, adapters: list[tuple[str, Path]]
         return base_model, source.path, source.origin
     path, origin = resolve_base_model_path(adapters[0][1])
     return read_adapter_records(adapters[0][1]).base_model, path, origin
+
+
+def served_quantisation(adapters: list[tuple[str, Path]], quant_bits: int | None, dtype: str) -> QuantisationSettings:
+    """How the server loads its base: unquantised without --quant-bits; at --quant-bits' width otherwise, with the
+    4-bit settings (quant type, double quantisation, compute dtype) the first adapter was trained with, so that its
+    dequantised base weights are the ones it learned on."""
+    records = read_adapter_records(adapters[0][1]) if adapters else None
+    return quantisation_for_adapter(records, bits=quant_bits, dtype=dtype)

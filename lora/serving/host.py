@@ -26,6 +26,7 @@ import torch
 import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 from lora.adapters.folders import AdapterError, read_adapter_records, read_adapter_weights, refuse_if_normalised
 from lora.core.errors import UserError, did_you_mean
+from lora.models.quantisation import QuantisationSettings
 from lora.prompts.templates import encode_prompt_text
 
 BASE_ROUTE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -435,21 +436,17 @@ def _summarise_load_error(error: BaseException) -> str:
     return re.sub(r"\s+", " ", text)
 
 
-def build_host(
-    base_model: str, *, base_path: str | None = None, quant_bits: int | None = None, dtype: str = "float32"
-) -> AdapterHost:
+def build_host(base_model: str, *, quantisation: QuantisationSettings, base_path: str | None = None) -> AdapterHost:
     """Load a base model and its tokenizer into an `AdapterHost` with no adapters yet.
 
     Args:
         base_model: hub id or folder; requests name the base by this string.
+        quantisation: how to load the base (lora.serving.app.served_quantisation: as the adapters were trained).
         base_path: where to load it from when already resolved; else `resolve_model_source(base_model)`.
-        quant_bits: 4 or 8 to load the base through bitsandbytes, None for unquantised.
-        dtype: "float32", "bfloat16" or "float16".
     """
-    from lora.models.loading import load_base_model, load_tokenizer
+    from lora.adapters.inference import load_inference_base
     from lora.models.source import resolve_model_source
 
     path = base_path or resolve_model_source(base_model).path
-    model = load_base_model(path, quant_bits, dtype=dtype)
-    tokenizer = load_tokenizer(path)
-    return AdapterHost(base_model, model, tokenizer, quant_bits=quant_bits)
+    model, tokenizer = load_inference_base(base_model, path, quantisation)
+    return AdapterHost(base_model, model, tokenizer, quant_bits=quantisation.bits)

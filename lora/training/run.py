@@ -131,7 +131,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     from lora.core.files import write_json_atomic
     from lora.core.provenance import git_commit, library_versions
     from lora.models.loading import load_base_model, load_tokenizer
-    from lora.models.quantisation import build_quantization_config, count_quantised_layers
+    from lora.models.quantisation import QuantisationSettings, count_quantised_layers
     from lora.prompts.rows import file_sha256, load_rows
     from lora.prompts.templates import boundary_report
     from lora.recipes.outputs import SUMMARY_FILE
@@ -171,13 +171,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     for note in recipe_notes(recipe):
         milestone(f"note: {note}")
     tokenizer = load_tokenizer(source.path, trust_remote_code=recipe["trust_remote_code"])
-    model = load_base_model(
-        source.path,
-        recipe["quant_bits"],
-        quantization_config=build_quantization_config(recipe),
-        dtype=recipe["dtype"],
-        trust_remote_code=recipe["trust_remote_code"],
-    )
+    model = load_base_model(source.path, QuantisationSettings.from_recipe(recipe),
+                            trust_remote_code=recipe["trust_remote_code"])
     base_layers = count_quantised_layers(model)  # before peft adds its own nn.Linear adapters
     summary["base_layers"] = base_layers
     model = attach_adapter(recipe, model)
