@@ -22,6 +22,16 @@ import torch
 
 from lora.prompts.generation import batches_by_length, compute_dtype, model_device
 
+__all__ = [
+    "attention_implementation",
+    "common_prefix_length",
+    "FOUR_D_MASK_ATTENTION",
+    "MIN_SHARED_PREFIX",
+    "score_choices",
+    "score_choices_one_row_per_label",
+    "score_row_choices",
+]
+
 FOUR_D_MASK_ATTENTION = ("sdpa", "eager")
 MIN_SHARED_PREFIX = 4  # below this many common tokens a prefix cache is not worth its bookkeeping
 

@@ -29,6 +29,18 @@ from lora.core.errors import UserError
 from lora.prompts import parsing
 from lora.prompts.templates import answer_suffix, prompt_text, split_at_boundary
 
+__all__ = [
+    "COPIED_MODULES",
+    "export_tasks",
+    "GENERATION_METRICS",
+    "lm_eval_task_name",
+    "MARKER",
+    "METRICS_MODULE",
+    "task_documents",
+    "TASK_PREFIX",
+    "task_yaml",
+]
+
 TASK_PREFIX = "lora_recipes_"
 MARKER = "lora_recipes_export.json"  # says a folder is ours to replace
 METRICS_MODULE = "lm_eval_metrics"

@@ -14,6 +14,21 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+__all__ = [
+    "aggregate_entity_accuracy",
+    "aggregate_entity_f1",
+    "aggregate_entity_precision",
+    "aggregate_entity_recall",
+    "aggregate_macro_f1",
+    "aggregate_weighted_f1",
+    "metrics",
+    "parsing",
+    "process_classification",
+    "process_entities",
+    "process_numeric",
+    "process_text",
+]
+
 
 def _sibling(name: str):
     path = Path(__file__).with_name(f"{name}.py")

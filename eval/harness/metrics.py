@@ -10,6 +10,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+__all__ = [
+    "accuracy",
+    "classification_scores",
+    "entity_scores",
+    "numbers_match",
+    "numeric_scores",
+    "per_label_f1",
+    "scored_labels",
+    "text_scores",
+    "token_f1",
+]
+
 
 def accuracy(targets: Sequence, predictions: Sequence) -> float:
     """Fraction of exact matches (0.0 for no examples)."""

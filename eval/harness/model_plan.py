@@ -27,6 +27,8 @@ from pathlib import Path
 from eval.harness.tasks import parse_data_overrides
 from lora.core.errors import ModelSourceError, UserError
 
+__all__ = ["export_for_lm_eval", "load_model", "model_plan", "plan_quantisation", "QUANT_CHOICES", "REPO_ROOT", "slug"]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUANT_CHOICES = {"4": 4, "8": 8, "none": None, "16": None, "32": None}
 

@@ -19,6 +19,18 @@ from pathlib import Path
 
 from lora.core.errors import UserError
 
+__all__ = [
+    "bar_chart",
+    "collect_columns",
+    "column_name",
+    "eval_folder",
+    "markdown_table",
+    "read_results",
+    "RESULT_SUFFIX",
+    "SKIPPED_SUFFIXES",
+    "table_rows",
+]
+
 RESULT_SUFFIX = ".json"
 SKIPPED_SUFFIXES = (".predictions.jsonl",)
 

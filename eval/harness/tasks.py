@@ -16,6 +16,27 @@ import jsonschema
 
 from lora.core.errors import UserError, did_you_mean
 
+__all__ = [
+    "build_task",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_METRICS",
+    "DEFAULT_TASK_REGISTRY",
+    "EVAL_DIR",
+    "expand_task_names",
+    "infer_task",
+    "KINDS",
+    "load_suites",
+    "load_tasks",
+    "MAX_INFERRED_LABEL_WORDS",
+    "MAX_INFERRED_LABELS",
+    "parse_data_overrides",
+    "read_task_registry",
+    "resolve_task",
+    "Task",
+    "TASK_SCHEMA_PATH",
+    "TaskError",
+]
+
 EVAL_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_TASK_REGISTRY = EVAL_DIR / "tasks.json"
 TASK_SCHEMA_PATH = Path(__file__).resolve().with_name("task_schema.json")

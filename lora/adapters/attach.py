@@ -11,6 +11,16 @@ import lora.models.bnb_cpu_fixes  # noqa: F401  (must run before any quantised m
 from lora.core.errors import RecipeError
 from lora.models.quantisation import QuantisationSettings
 
+__all__ = [
+    "attach_adapter",
+    "build_lora_config",
+    "check_init_adapter",
+    "check_target_modules",
+    "find_linear_module_names",
+    "INIT_ADAPTER_FIELDS",
+    "load_initial_adapter",
+]
+
 
 def find_linear_module_names(model) -> list[str]:
     """Suffixes of every linear layer (plain, 4-bit or 8-bit) except the output head: LoRA's 'all-linear'."""

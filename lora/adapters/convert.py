@@ -43,6 +43,29 @@ from lora.adapters.folders import (
 )
 from lora.core.files import move_into_place
 
+__all__ = [
+    "check_complete_modules",
+    "check_fits_base",
+    "CONVERSION_RECORD",
+    "convert_adapter",
+    "convert_nvlabs",
+    "convert_torchtune",
+    "find_weights_file",
+    "load_tensors",
+    "NVLABS_WEIGHT_FILES",
+    "PEFT_PREFIX",
+    "read_json_if_present",
+    "sha256_of",
+    "SOURCES",
+    "strip_wrappers",
+    "TORCHTUNE_LLAMA_TYPES",
+    "torchtune_rows_to_hf",
+    "torchtune_to_hf_module",
+    "TORCHTUNE_TO_HF_MODULES",
+    "TORCHTUNE_TO_PEFT_PARTS",
+    "TORCHTUNE_WEIGHT_FILES",
+]
+
 SOURCES = ("nvlabs", "torchtune")
 CONVERSION_RECORD = "conversion.json"
 PEFT_PREFIX = "base_model.model."

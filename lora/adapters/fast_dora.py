@@ -49,6 +49,16 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+__all__ = [
+    "clear_fast_dora_cache",
+    "COMPILE_ENV",
+    "composition_backward",
+    "composition_forward",
+    "disable_fast_dora",
+    "enable_fast_dora",
+    "FastDoraLinearVariant",
+]
+
 try:
     import bitsandbytes as bnb
     from peft.tuners.lora import bnb as lora_bnb

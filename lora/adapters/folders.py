@@ -17,6 +17,23 @@ from typing import Any
 
 from lora.core.errors import OutputError, UserError
 
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterError",
+    "AdapterRecords",
+    "check_output_folder",
+    "copy_tokenizer_files",
+    "NORMALISED_CONFIG_KEY",
+    "NORMALISED_RECORD",
+    "read_adapter_records",
+    "read_adapter_weights",
+    "RECIPE_RECORD",
+    "refuse_if_normalised",
+    "resolve_base_model_path",
+    "start_output_folder",
+]
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECIPE_RECORD = "recipe.json"

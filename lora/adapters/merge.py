@@ -28,6 +28,21 @@ from lora.core.errors import UserError
 from lora.core.files import move_into_place
 from lora.models.quantisation import QuantisationSettings
 
+__all__ = [
+    "CHAT_CHECK_PROMPT",
+    "CHECK_PROMPTS",
+    "check_prompts",
+    "default_dtype_name",
+    "DEFAULT_TOLERANCE",
+    "DTYPE_NAMES",
+    "max_abs_difference",
+    "merge_adapter",
+    "MERGE_RECORD",
+    "MergeCheckFailed",
+    "prompt_logits",
+    "refuse_quantised_base",
+]
+
 MERGE_RECORD = "merge_record.json"
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Short, varied prompts: plain text, a number-heavy line and a chat-formatted turn (when the tokenizer has a template).

@@ -49,6 +49,17 @@ from lora.adapters.inference import load_base_for_adapter, quantisation_for_adap
 from lora.core.files import move_into_place
 from lora.models.quantisation import QuantisationSettings
 
+__all__ = [
+    "base_weights_of",
+    "direction_row_norm",
+    "group_dora_modules",
+    "module_scale",
+    "normalise_magnitudes",
+    "normalize_dora_adapter",
+    "W0_CHOICES",
+    "w0_quantisation",
+]
+
 W0_CHOICES = ("unquantised", "nf4")
 _ADAPTER_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"

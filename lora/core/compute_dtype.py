@@ -13,6 +13,17 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+__all__ = [
+    "AUTO",
+    "AUTO_FIELDS",
+    "choose_dtype",
+    "cpu_flags",
+    "CPUINFO",
+    "dtype_for",
+    "NATIVE_BF16_CPU_FLAGS",
+    "resolve_auto_dtypes",
+]
+
 AUTO = "auto"
 AUTO_FIELDS = ("bnb_4bit_compute_dtype", "dtype")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")

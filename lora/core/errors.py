@@ -11,6 +11,18 @@ import functools
 import sys
 from collections.abc import Callable, Iterable
 
+__all__ = [
+    "closest",
+    "DataError",
+    "did_you_mean",
+    "exit_on_user_error",
+    "EXIT_USER_ERROR",
+    "ModelSourceError",
+    "OutputError",
+    "RecipeError",
+    "UserError",
+]
+
 EXIT_USER_ERROR = 2
 
 

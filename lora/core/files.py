@@ -12,6 +12,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+__all__ = ["file_problem", "fsync_path", "move_into_place", "new_file_mode", "remove_tree", "write_json_atomic"]
+
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary sibling and rename it into place, with the mode any other output file gets."""

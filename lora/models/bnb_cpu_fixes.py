@@ -17,6 +17,8 @@ import functools
 
 import bitsandbytes.nn.modules as bnb_modules
 
+__all__ = ["apply", "disable_cpu_weight_repacking"]
+
 _APPLIED = False
 
 

@@ -21,6 +21,8 @@ from lora.models.quantisation import (
     torch_dtype,
 )
 
+__all__ = ["check_weight_files", "device_map_for_this_process", "load_base_model", "load_tokenizer"]
+
 
 def device_map_for_this_process():
     """Each process holds its own full copy on its own device (never `device_map="auto"` under DDP)."""

@@ -40,6 +40,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = [
+    "activation_bytes",
+    "activation_bytes_per_token",
+    "base_weight_bytes",
+    "BLOCKSIZE_4BIT",
+    "BYTES_PER_TRAINABLE_PARAMETER",
+    "CUDA_CONTEXT_BYTES",
+    "describe_memory",
+    "detected_device_memory",
+    "DOUBLE_QUANT_BLOCKS",
+    "DTYPE_BYTES",
+    "estimate_memory",
+    "format_estimate",
+    "FRAMEWORK_OVERHEAD",
+    "GB",
+    "LinearLayer",
+    "load_model_config",
+    "MemoryEstimate",
+    "model_shape_from_config",
+    "ModelShape",
+    "trainable_parameter_count",
+    "transient_bytes",
+]
+
 GB = 1e9
 BLOCKSIZE_4BIT = 64  # weights per absmax constant
 DOUBLE_QUANT_BLOCKS = 256  # absmax constants per second-level constant

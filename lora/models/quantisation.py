@@ -18,6 +18,18 @@ from torch import nn
 from lora.core.compute_dtype import AUTO, choose_dtype
 from lora.core.errors import RecipeError
 
+__all__ = [
+    "count_quantised_layers",
+    "DTYPES",
+    "quantisation_mismatch",
+    "QuantisationSettings",
+    "requested_bits",
+    "schema_defaults",
+    "SETTINGS_FIELDS",
+    "STORAGE_DTYPES",
+    "torch_dtype",
+]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The container dtype of packed 4-bit weights: uint8 by default; FSDP can only shard them in the dtype of the other
 # (unquantised) parameters, e.g. bfloat16.

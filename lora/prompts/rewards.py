@@ -22,6 +22,23 @@ from dataclasses import dataclass, field
 
 from lora.prompts import parsing
 
+__all__ = [
+    "answer_format",
+    "build_trl_reward",
+    "completion_text",
+    "exact_match",
+    "infer_labels",
+    "label_match",
+    "MAX_INFERRED_LABELS",
+    "NUMERIC_ABS_TOLERANCE",
+    "numeric_match",
+    "register_reward",
+    "reward_names",
+    "RewardFunction",
+    "REWARDS",
+    "Sample",
+]
+
 # Numbers within this absolute distance of the target always count as equal: the bundled numeric tasks round to
 # one decimal and the calc eval task uses the same floor (eval/tasks.json abs_tol), so a 0 target is reachable.
 NUMERIC_ABS_TOLERANCE = 0.005

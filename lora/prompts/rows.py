@@ -8,6 +8,8 @@ from pathlib import Path
 
 from lora.core.errors import DataError
 
+__all__ = ["data_file_problem", "file_sha256", "load_rows"]
+
 
 def data_file_problem(path: str | Path) -> str | None:
     """Why `path` cannot be read as a data file (missing, a folder, not a regular file), or None."""

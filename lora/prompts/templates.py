@@ -17,6 +17,22 @@ from dataclasses import dataclass
 
 from lora.core.errors import DataError
 
+__all__ = [
+    "adds_special_tokens",
+    "answer_suffix",
+    "boundary_report",
+    "BUILTIN_TEMPLATES",
+    "check_template",
+    "encode_completion",
+    "encode_prompt",
+    "encode_prompt_text",
+    "encode_text_pair",
+    "EncodedPair",
+    "IGNORE_INDEX",
+    "prompt_text",
+    "split_at_boundary",
+]
+
 IGNORE_INDEX = -100  # label value the loss skips: prompt tokens and padding
 BUILTIN_TEMPLATES = ("plain", "chat")
 

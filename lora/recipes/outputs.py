@@ -6,6 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+__all__ = [
+    "default_output_dir",
+    "is_finished",
+    "is_run_folder",
+    "outputs_root",
+    "read_summary",
+    "RECIPE_FILE",
+    "SUMMARY_FILE",
+]
+
 SUMMARY_FILE = "run_summary.json"
 RECIPE_FILE = "recipe.json"
 

@@ -20,6 +20,30 @@ import jsonschema
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
 
+__all__ = [
+    "ALIASES",
+    "check_recipe_name",
+    "DEFAULT_REGISTRY",
+    "EIGHT_BIT_FIELDS",
+    "EVAL_TASKS_PATH",
+    "format_recipe_table",
+    "FOUR_BIT_FIELDS",
+    "GRPO_FIELDS",
+    "list_recipes",
+    "load_schema",
+    "MAX_RECIPE_NAME_LENGTH",
+    "parse_override",
+    "PATH_FIELDS",
+    "read_registry",
+    "Recipe",
+    "RECIPE_NAME_PATTERN",
+    "REPO_ROOT",
+    "resolve_recipe",
+    "runnable_names",
+    "SCHEMA_PATH",
+    "SFT_ONLY_FIELDS",
+]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REGISTRY = REPO_ROOT / "finetune_configs.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / "recipe_schema.json"

@@ -72,6 +72,19 @@ from lora.serving.host import (
     UnknownModelError,
 )
 
+__all__ = [
+    "AdapterLoadRequest",
+    "check_port_free",
+    "CompletionRequest",
+    "create_app",
+    "DEFAULT_ADAPTER_ROOT",
+    "MAX_PROMPTS_PER_REQUEST",
+    "MAX_STOP_SEQUENCES",
+    "resolve_served_base",
+    "ROUTES",
+    "served_quantisation",
+]
+
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4
 # The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.

@@ -18,6 +18,8 @@ from typing import Any
 from lora.core.errors import UserError
 from lora.serving.host import AdapterHost, GeneratedRow, GenerationRow
 
+__all__ = ["GenerationBatcher", "ServerBusyError"]
+
 
 class ServerBusyError(UserError):
     """Too many rows are already waiting; the client should retry later (HTTP 503)."""

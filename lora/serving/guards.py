@@ -19,6 +19,20 @@ from pathlib import Path
 
 from lora.serving.host import BadRequestError
 
+__all__ = [
+    "API_KEY_ENV",
+    "check_bind_is_guarded",
+    "DEFAULT_MAX_BODY_BYTES",
+    "error_response",
+    "is_loopback",
+    "LOOPBACK_NAMES",
+    "MIN_MAX_BODY_BYTES",
+    "RequestGuard",
+    "resolve_api_key",
+    "resolve_client_adapter_path",
+    "UNGUARDED_PATHS",
+]
+
 API_KEY_ENV = "LORA_SERVE_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 64 prompts of ~16 KB each; a context-filling prompt is far smaller
 MIN_MAX_BODY_BYTES = 1024

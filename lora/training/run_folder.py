@@ -28,6 +28,30 @@ from lora.core.errors import OutputError
 from lora.core.files import file_problem, fsync_path, move_into_place, new_file_mode, remove_tree
 from lora.recipes.outputs import SUMMARY_FILE, is_finished, is_run_folder, read_summary
 
+__all__ = [
+    "abandon_output_dir",
+    "CHECKPOINT_DIR",
+    "checkpoint_problem",
+    "CHECKPOINT_REQUIRED_FILES",
+    "CHECKPOINT_STAGING_DIR",
+    "checkpoint_step",
+    "complete_checkpoints_newest_first",
+    "finish_output_dir",
+    "is_complete_checkpoint",
+    "latest_complete_checkpoint",
+    "LOSS_CURVE_FILE",
+    "newest_intact_checkpoint",
+    "OutputPlan",
+    "plan_output_dir",
+    "plot_loss_curve",
+    "prepare_output_dir",
+    "publish_checkpoint",
+    "publish_folder",
+    "replacement_dir",
+    "SHARDED_OPTIMIZER_GLOBS",
+    "TRAINER_STATE_FILE",
+]
+
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_STAGING_DIR = ".incomplete"
 LOSS_CURVE_FILE = "loss_curve.png"

@@ -20,6 +20,21 @@ from lora.prompts.templates import IGNORE_INDEX
 from lora.training.run_folder import CHECKPOINT_STAGING_DIR, publish_checkpoint
 from lora.training.tracking import hold_trackers
 
+__all__ = [
+    "accepts_logits_to_keep",
+    "answer_only_loss",
+    "build_trainer",
+    "build_training_arguments",
+    "gathered_state_dict",
+    "next_token_targets",
+    "peak_memory_bytes",
+    "ProgressAndGuard",
+    "RecipeTrainer",
+    "shared_trainer_arguments",
+    "TrainingHistory",
+    "use_recipe_callbacks",
+]
+
 
 def shared_trainer_arguments(recipe, checkpoint_dir: Path) -> dict:
     """The Trainer arguments every recipe maps the same way, supervised or GRPO: optimisation, schedule, logging,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import IGNORE_INDEX, check_template, encode_completion
 
+__all__ = ["build_collator", "build_datasets", "encode_example"]
+
 
 def encode_example(row: dict, template: str, tokenizer, max_seq_length: int) -> dict[str, list[int]]:
     """input_ids and labels for one row; the loss sees only the answer. Long prompts lose their left end."""

@@ -27,6 +27,19 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from lora.core.errors import RecipeError
 from lora.training.run_record import TaskFacts, tracker_figures
 
+__all__ = [
+    "apply_offline_defaults",
+    "finish_tracking",
+    "HeldTrackers",
+    "hold_trackers",
+    "LOGS_DIR",
+    "logs_dir",
+    "prepare_trackers",
+    "requested_trackers",
+    "RunTensorBoardCallback",
+    "TRACKERS",
+]
+
 LOGS_DIR = "logs"
 # report_to name -> (transformers' availability check in transformers.integrations, what the user does to get it)
 TRACKERS = {
