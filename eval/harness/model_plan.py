@@ -1,20 +1,5 @@
-"""Evaluate a trained adapter, a recipe's adapter or base model, or any base model on the registry's tasks.
-
-    python eval/evaluate.py --list                                         # tasks, suites, whether data is here
-    python eval/evaluate.py --adapter outputs/sentiment_smollm2_135m_4bits_r8_dora     # its recipe's eval_tasks
-    python eval/evaluate.py --adapter outputs/RECIPE --suite bundled --limit 50
-    python eval/evaluate.py --adapter outputs/RECIPE --suite bundled --with-base       # + base, side by side
-    python eval/evaluate.py --recipe sentiment_smollm2_135m_4bits_r8_dora              # = --adapter outputs/RECIPE
-    python eval/evaluate.py --recipe sentiment_smollm2_135m_4bits_r8_dora --base-only  # its base, zero-shot
-    python eval/evaluate.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct --tasks sentiment --quant-bits 4
-    python eval/evaluate.py --base-model DIR --tasks mytask --data mytask=my_test.jsonl --mode generate
-    python eval/evaluate.py --adapter outputs/RECIPE --tasks sentiment --export-lm-eval lm_eval_tasks  # for lm-eval
-
---adapter reads the base model, its quantisation (quant_bits, bnb settings, dtype) and the prompt template from
-the adapter's recipe.json, so the adapter is scored on the base and the prompts it was trained with; --quant-bits
-overrides the quantisation. Results go to <adapter>/eval/ (or outputs/base_<model>[_<bits>bit]/eval/ for a base
-model, or --out): <task>.json and <task>.predictions.jsonl. Exit code 2 with one message for anything the user
-can fix (unknown task, malformed data row, a base model or adapter that cannot be loaded).
+"""What `python eval/evaluate.py` scores: the plan (base, adapter, recorded settings, default tasks, output folder)
+from --adapter, --recipe or --base-model, the model loaded by the inference loader, and the lm-eval export.
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""Compare evaluation results: a markdown table (rows: tasks; columns: base, then each adapter) and a PNG chart.
-
-    python eval/compare.py outputs/*                                  # base = the first run's eval_before/
-    python eval/compare.py outputs/* --base outputs/base_SmolLM2-135M-Instruct_4bit
-    python eval/compare.py outputs/run_a outputs/run_b --metric weighted_f1 --png /tmp/cmp.png --markdown /tmp/cmp.md
-
-Each argument is a run folder (results in its eval/ subfolder, written by lora/finetune.py or eval/evaluate.py) or
-an eval folder itself (holding <task>.json files). Without --base, the base column is the first run's eval_before/
-(the runner scores the identity-initialised adapter, i.e. the base model, before training) or, failing that, its
-eval_base/ (written by evaluate.py --with-base). A cell shows the task's
-headline metric (the first of its metrics in eval/tasks.json) and, for adapters, the change against the base.
+"""Result tables across runs: read eval/*.json folders, build the markdown table and the bar chart that
+`python eval/compare.py` prints and saves.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
-"""Convert DoRA checkpoints from NVlabs' official code or torchtune into standard peft adapters.
-
-Run from any folder (exit code 2 on a user error):
-    .venv/bin/python lora/convert_adapter.py --from nvlabs -i DoRA-weights/llama_dora_commonsense_r32 -o adapters/x \
-        --allow-pickle
-    .venv/bin/python lora/convert_adapter.py --from torchtune -i output/epoch_0 -o adapters/y \
-        --base-model meta-llama/Llama-3.2-1B --allow-pickle
-
-What each source looks like (read from NVlabs/DoRA and pytorch/torchtune):
-- NVlabs: adapter_config.json with `peft_type: "DORA"`, `dora_simple`, `Wdecompose_target_modules`; weights in
-  `adapter_model.bin` (a pickle) under peft-style names without an adapter-name segment; the magnitude is
-  `<module>.weight_m_wdecomp.weight` of shape [out, 1]. Scaling alpha/r, norm detached when dora_simple is true.
-- torchtune: `adapter_model.pt` (a pickle; older versions `adapter_0.pt`) with torchtune's own module names
-  (`layers.0.attn.q_proj.lora_a.weight`, `...lora_b.weight`, `...magnitude` of shape [out]) and torchtune's row
-  order for q_proj/k_proj, which differs from Hugging Face's (rotary embedding layout); rank from the tensors,
-  alpha from the adapter_config.json torchtune writes beside it (or --lora-alpha).
-
-The result is a peft folder (`lora_magnitude_vector` of shape [out], `use_dora: true`, adapter_model.safetensors)
-plus conversion.json saying where it came from. Pickle files can run code when loaded, so reading one needs
---allow-pickle, and even then only tensors are accepted (`torch.load(weights_only=True)`). What peft cannot express
-is refused: NVlabs magnitude-only modules (`Wdecompose_target_modules`) and a non-detached norm
-(`dora_simple: false`).
+"""Import of NVlabs DoRA and torchtune LoRA/DoRA checkpoints as standard peft adapters (key renames, torchtune's
+Llama q/k row permutation, alpha from the source config), checked against the base they are meant for.
+`python lora/convert_adapter.py` is the command.
 """
 
 from __future__ import annotations

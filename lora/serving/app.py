@@ -1,41 +1,6 @@
-"""Serve several LoRA/DoRA adapters on one base model over an OpenAI-style HTTP API (FastAPI + uvicorn).
-
-Run (from any folder; the server listens on 127.0.0.1:8000 unless told otherwise):
-    .venv/bin/python lora/serve.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
-        --adapter sentiment=outputs/sentiment --adapter ner=outputs/ner [--quant-bits 4|8] [--port 8000]
-    .venv/bin/python lora/serve.py --adapter sentiment=outputs/sentiment     # base taken from the adapter's records
-    export LORA_SERVE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
-    .venv/bin/python lora/serve.py --host 0.0.0.0 --adapter sentiment=outputs/sentiment   # other machines, with a key
-    curl -s HOST:8000/v1/models -H "Authorization: Bearer $LORA_SERVE_API_KEY"
-
-Then:
-    curl -s localhost:8000/v1/models
-    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
-        -d '{"model": "sentiment", "prompt": "Shares rose 5%.", "max_tokens": 16, "temperature": 0}'
-    curl -s localhost:8000/v1/adapters -H 'Content-Type: application/json' -d '{"name": "v2", "path": "v2"}'
-    curl -s -X DELETE localhost:8000/v1/adapters/v2
-
-Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name as given to --base-model; `prompt`
-a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
-POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
-GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
-serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken, 400
-malformed JSON, a too-long prompt, an adapter path not under --adapter-root, an adapter that does not fit the base
-or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API key, 413 body too large,
-422 a field of the wrong type, 503 queue full.
-
-Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
-and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA
-adapter's norm ||W0 + s·BA|| is computed once at load and cached (peft's DoraCaching: about one extra dense weight
-matrix of memory per adapted layer), not per token.
-
-Guards: with an API key (--api-key KEY or the environment variable LORA_SERVE_API_KEY; prefer the variable, a
-flag shows in `ps`) every route but /health needs `Authorization: Bearer KEY` (401 otherwise). Listening beyond
-loopback (--host 0.0.0.0) without a key is refused unless --allow-unauthenticated-remote says so. POST /v1/adapters
-loads only folders under --adapter-root (default: outputs/ beside the registry); paths are relative to it, and a
-path outside it reads exactly like a missing one. Bodies over --max-request-bytes (default 1 MiB) get 413 before
-they are parsed; prompts are tokenised off the event loop, so a long one never stalls /health or other clients.
-Unknown routes (404) and wrong methods (405) answer in the same error format.
+"""The server's FastAPI app: routes, request models, error format and guards wired together (`python lora/serve.py`
+parses the flags and runs it; its docstring lists the endpoints, batching and guards), plus how the served base is
+chosen and quantised.
 """
 
 from __future__ import annotations
