@@ -14,32 +14,38 @@ import time
 import warnings
 from collections import Counter
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from eval.harness import metrics
 from eval.harness.tasks import Task, TaskError, expand_task_names, infer_task, load_tasks, resolve_task
 from lora.core.errors import DataError
+from lora.core.provenance import library_versions
 from lora.prompts import parsing
 from lora.prompts.rows import data_file_problem, file_sha256, load_rows
 from lora.prompts.templates import answer_suffix, check_template, encode_completion, encode_prompt
 
+__all__ = [
+    "MODES",
+    "canonical_label",
+    "choose_mode",
+    "count_unparsed",
+    "evaluate_tasks",
+    "model_identity",
+    "note",
+    "prepare_tasks",
+    "prompt_token_budget",
+    "row_locations",
+    "score_task",
+    "stop_token_ids",
+    "task_targets",
+    "write_task_outputs",
+]
+
 MODES = ("choice", "generate")
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def choose_mode(task: Task, requested: str | None) -> str:
