@@ -4,7 +4,8 @@
 
 The adapter is loaded once (its recorded base and quantisation, as eval/evaluate.py does); the task is exported for
 lm-eval (eval/harness/lm_eval_export.py) and scored by `lm_eval.simple_evaluate(HFLM(pretrained=model))` and by
-eval.harness.evaluation.evaluate_tasks in choice mode. Prints examples/s and accuracy of each, and how often they chose the
+eval.harness.evaluation.evaluate_tasks in choice mode. Prints examples/s and accuracy of each, and how often they chose
+the
 same label.
 """
 

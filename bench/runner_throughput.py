@@ -9,7 +9,8 @@ the seed-style baseline and with a bare torch loop doing the runner's steps.
 Three variants train the same recipe (model, quantisation, adapter config, data order, batch size, optimizer
 settings), each in a process of its own so that its peak memory is its own:
 
-- runner: the Trainer exactly as `lora/finetune.py` builds it (lora.models.loading + lora.prompts.templates + lora.training.sft:
+- runner: the Trainer exactly as `lora/finetune.py` builds it (lora.models.loading + lora.prompts.templates +
+  lora.training.sft:
   dynamic padding, loss on the answer only with the output head run at answer positions, fast DoRA).
 - seed-style: peft's `examples/dora_finetuning/dora_finetuning.py` approach: the stock Trainer, every example
   (prompt + answer) padded to 512 tokens, labels = input_ids (DataCollatorForLanguageModeling: loss on the whole

@@ -40,3 +40,11 @@ def repo_root() -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama (h64, 2 layers) + byte-level BPE tokenizer saved as a local HF model folder."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def bnb_defaults(bits: int | None):
+    """What bitsandbytes gives a base when only the width is said (nf4, no double quantisation, float32 compute):
+    the settings these tests were written against."""
+    from lora.models.quantisation import QuantisationSettings
+
+    return QuantisationSettings(bits=bits, double_quant=False, compute_dtype="float32")

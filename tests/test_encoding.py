@@ -93,7 +93,8 @@ def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
     from lora.models.loading import load_base_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    lm = HFLM(pretrained=load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()), tokenizer=tokenizer, batch_size=1)
+    base = load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())
+    lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=1)
     for row in load_rows(REPO_ROOT / "data/test/sentiment_test.jsonl")[:20]:
         text = prompt_text(row["context"], template, tokenizer)
         for label in ("negative", "neutral", "positive"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from conftest import bnb_defaults
 from eval.harness.choices import MIN_SHARED_PREFIX, common_prefix_length, score_choices, score_choices_one_row_per_label
 from eval.harness.evaluation import evaluate_tasks
 from lora.models.loading import load_base_model, load_tokenizer
@@ -38,7 +39,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.mark.parametrize("quant_bits", [None, 4, 8])
 def test_shared_prefix_scores_equal_one_row_per_label(tiny_model_dir, tokenizer, quant_bits):
-    model = load_base_model(str(tiny_model_dir), QuantisationSettings(bits=quant_bits, double_quant=False, compute_dtype="float32")).eval()
+    model = load_base_model(str(tiny_model_dir), bnb_defaults(quant_bits)).eval()
     labels = LABELS + ["strong buy on revenue"]  # a multi-token label exercises the per-label mask
     for template in ("plain", "chat"):
         rows = sentiment_rows(7)

@@ -255,7 +255,8 @@ def test_grpo_recipe_runs_end_to_end_on_tiny_4bit_dora(registry, tmp_path):
 
 def test_grpo_resume_continues_bit_identically(registry, tmp_path, tiny_model_dir):
     recipe = resolve_recipe("tiny_grpo_fp32_lora", registry)
-    STEERABLE_TOKENS.update(steerable_half_of_vocabulary(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())))
+    base = load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())
+    STEERABLE_TOKENS.update(steerable_half_of_vocabulary(base))
     straight = run_recipe(recipe, tmp_path / "straight", scoring=harness_scoring())
     checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
     resumed = run_recipe(recipe, tmp_path / "resumed", resume=str(checkpoint), scoring=harness_scoring())

@@ -10,11 +10,10 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bnb_defaults
 from lora.adapters.attach import attach_adapter
 from lora.finetune import harness_scoring, main
 from lora.models.loading import load_base_model
-from lora.models.quantisation import QuantisationSettings
 from lora.prompts.rewards import Sample, register_reward
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
@@ -59,7 +58,7 @@ def registry(tmp_path_factory, tiny_model_dir):
 def start_adapter(registry):
     """A DoRA adapter far from the base (random B and magnitudes), saved as the runner saves one."""
     recipe = resolve_recipe("start", registry)
-    model = attach_adapter(recipe, load_base_model(recipe["base_model"], QuantisationSettings(bits=4, double_quant=False, compute_dtype="float32")))
+    model = attach_adapter(recipe, load_base_model(recipe["base_model"], bnb_defaults(4)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -84,7 +83,7 @@ def adapter_tensors(model, adapter: str = "default") -> dict[str, torch.Tensor]:
 def test_recipe_loads_every_weight_of_the_adapter_exactly(registry, start_adapter):
     recipe = resolve_recipe("continue", registry)
     assert recipe["init_adapter"] == str(start_adapter)  # resolved against the registry, not the working directory
-    model = attach_adapter(recipe, load_base_model(recipe["base_model"], QuantisationSettings(bits=4, double_quant=False, compute_dtype="float32")))
+    model = attach_adapter(recipe, load_base_model(recipe["base_model"], bnb_defaults(4)))
     saved = load_file(start_adapter / "adapter_model.safetensors")
     loaded = adapter_tensors(model)
     assert loaded.keys() == saved.keys() and len(saved) > 0

@@ -52,7 +52,8 @@ def trained(tmp_path_factory, tiny_model_dir):
     export = folder / "lm_eval_tasks"
     names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], export,
                          template="plain", tokenizer=tokenizer)
-    model = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()), str(out)).eval()
+    base = load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised())
+    model = PeftModel.from_pretrained(base, str(out)).eval()
     ours = evaluate_tasks(model, tokenizer, ["sentiment"], prompt_template="plain", mode="choice",
                           data_overrides={"sentiment": str(test)}, progress=False, out_dir=folder / "ours")
     predictions = [json.loads(line)["prediction"]

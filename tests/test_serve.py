@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import bnb_defaults
 from lora.models.loading import load_base_model
-from lora.models.quantisation import QuantisationSettings
 from lora.serve import main
 from lora.serving.app import create_app, resolve_served_base
 from lora.serving.host import AdapterHost, GenerationRow
@@ -90,7 +90,7 @@ def _load_host(tiny_model_dir: Path, adapters: dict[str, Path]) -> AdapterHost:
 def _reference_texts(tiny_model_dir: Path, adapter_dir: Path | None, quant_bits: int | None = None) -> list[str]:
     """Greedy completions of PROMPTS, one at a time, by a stock single-adapter peft model (or the bare base)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = load_base_model(str(tiny_model_dir), QuantisationSettings(bits=quant_bits, double_quant=False, compute_dtype="float32")).eval()
+    model = load_base_model(str(tiny_model_dir), bnb_defaults(quant_bits)).eval()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     texts = []
@@ -305,7 +305,7 @@ def test_command_line_user_errors_exit_2_before_loading_anything(adapters, capsy
 
 @pytest.mark.parametrize("quant_bits", [4, 8])
 def test_quantised_base_serves_lora_and_dora_like_single_adapter_peft_models(tiny_model_dir, adapters, quant_bits):
-    host = AdapterHost("tiny-base", load_base_model(str(tiny_model_dir), QuantisationSettings(bits=quant_bits, double_quant=False, compute_dtype="float32")),
+    host = AdapterHost("tiny-base", load_base_model(str(tiny_model_dir), bnb_defaults(quant_bits)),
                        AutoTokenizer.from_pretrained(tiny_model_dir), quant_bits=quant_bits)
     host.load_adapter("lora", adapters["lora"])
     host.load_adapter("dora", adapters["dora"])

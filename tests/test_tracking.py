@@ -84,7 +84,7 @@ def test_report_to_names_are_the_trainers_integrations():
 def test_recipe_fields_reach_the_sft_and_grpo_trainers(registry):
     recipe = resolve_recipe("tiny_tracked", registry, ["report_to=[\"tensorboard\", \"mlflow\"]"])
     assert recipe["run_name"] == "tiny_tracked"  # default: the recipe name
-    grpo = build_grpo_config(resolve_recipe("tiny_grpo_tracked", registry), Path("unused"))
+    grpo = build_grpo_config(resolve_recipe("tiny_grpo_tracked", registry), Path("unused"), stop_ids=[0])
     assert grpo.report_to == ["tensorboard"] and grpo.run_name == "grpo-smoke"
 
 
@@ -129,7 +129,8 @@ def test_mlflow_file_store_in_the_run_folder_holds_the_run_record(registry, tmp_
     import mlflow
 
     out = tmp_path / "run"
-    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=mlflow", "run_name=tiny-mlflow"]), out, scoring=harness_scoring())
+    run_recipe(resolve_recipe("tiny_tracked", registry, ["report_to=mlflow", "run_name=tiny-mlflow"]), out,
+               scoring=harness_scoring())
     client = mlflow.MlflowClient(tracking_uri=(out / "logs" / "mlflow").as_uri())
     runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # the figures logged after training went to the training run, not a new one

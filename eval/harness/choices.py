@@ -1,6 +1,7 @@
 """Batched model calls: log-likelihood of label continuations (`choice`) and greedy generation (`generate`).
 
-Both take token ids already built by lora.prompts.templates (so prompts are byte-identical to training) and pad by hand, so the
+Both take token ids already built by lora.prompts.templates (so prompts are byte-identical to training) and pad by
+hand, so the
 tokenizer's padding side (right, for training) does not matter.
 
 Choice scoring shares work twice:
@@ -174,7 +175,8 @@ def score_row_choices(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
-    """`score_choices` for labels encoded with each row's prompt (lora.prompts.templates.encode_completion): [example][label].
+    """`score_choices` for labels encoded with each row's prompt (lora.prompts.templates.encode_completion):
+    [example][label].
 
     Args:
         rows: per example, per label, (prompt ids, label ids) as the whole text "prompt + label" splits.

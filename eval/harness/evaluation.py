@@ -14,32 +14,37 @@ import time
 import warnings
 from collections import Counter
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from eval.harness import metrics
 from eval.harness.tasks import Task, TaskError, expand_task_names, infer_task, load_tasks, resolve_task
 from lora.core.errors import DataError
+from lora.core.provenance import library_versions
 from lora.prompts import parsing
 from lora.prompts.rows import data_file_problem, file_sha256, load_rows
-from lora.prompts.templates import answer_suffix, check_template, encode_completion, encode_prompt
+from lora.prompts.templates import check_template, encode_completion, encode_prompt
+
+__all__ = [
+    "MODES",
+    "canonical_label",
+    "choose_mode",
+    "count_unparsed",
+    "evaluate_tasks",
+    "model_identity",
+    "note",
+    "prepare_tasks",
+    "prompt_token_budget",
+    "row_locations",
+    "score_task",
+    "task_targets",
+    "write_task_outputs",
+]
 
 MODES = ("choice", "generate")
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def choose_mode(task: Task, requested: str | None) -> str:
@@ -65,15 +70,6 @@ def canonical_label(target: str, task: Task) -> str:
             f"({', '.join(task.labels)}). Point --data at a file of this task, or evaluate it as a new task name."
         )
     return label
-
-
-def stop_token_ids(tokenizer, template: str) -> list[int]:
-    """EOS, plus the first token of the chat template's end of turn (what a trained adapter emits to finish)."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    suffix_ids = tokenizer(answer_suffix(template, tokenizer), add_special_tokens=False)["input_ids"]
-    if suffix_ids and suffix_ids[0] not in stops:
-        stops.append(suffix_ids[0])
-    return stops
 
 
 class _Progress:
@@ -123,11 +119,13 @@ def count_unparsed(task: Task, raws: list[str], predictions: list) -> int:
 def score_task(model, tokenizer, task: Task, rows: list[dict], *, prompt_template: str, mode: str, batch_size: int,
                progress: bool) -> tuple[dict, list[dict]]:
     """Metrics and per-example predictions of one task on `rows` (already limited)."""
+    # torch: imported only once there is a model
     from eval.harness.choices import score_row_choices
-    from lora.prompts.generation import generate_greedy  # torch: imported only once there is a model
+    from lora.prompts.generation import generate_greedy, padding_token_id, stop_token_ids
 
     keep = prompt_token_budget(model, task)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, prompt_template, getattr(model, "generation_config", None))
+    pad_id = padding_token_id(tokenizer, stop_ids)
     bar = _Progress(progress, len(rows), f"{task.name} ({mode})")
     try:
         if mode == "choice":
@@ -141,8 +139,7 @@ def score_task(model, tokenizer, task: Task, rows: list[dict], *, prompt_templat
         else:
             prompts = [encode_prompt(row["context"], prompt_template, tokenizer)[-keep:] for row in rows]
             outputs = generate_greedy(model, prompts, max_new_tokens=task.max_new_tokens, pad_id=pad_id,
-                                      stop_ids=stop_token_ids(tokenizer, prompt_template), batch_size=batch_size,
-                                      on_batch=bar.update)
+                                      stop_ids=stop_ids, batch_size=batch_size, on_batch=bar.update)
             raws = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
             scores = [None] * len(rows)
     finally:

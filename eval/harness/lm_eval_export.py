@@ -7,11 +7,13 @@
 Each task becomes `lora_recipes_<task>.yaml` and its rows `lora_recipes_<task>.jsonl`, with every prompt already
 rendered (chat template applied) so lm-eval needs no template of its own:
 - classification: `multiple_choice` over the task's labels, `target_delimiter: ""`. lm-eval moves the prompt's
-  trailing whitespace into the label before tokenising, which is our encoding rule (lora.prompts.templates.encode_text_pair),
+  trailing whitespace into the label before tokenising, which is our encoding rule
+  (lora.prompts.templates.encode_text_pair),
   so it scores exactly the ids we train on and score. Metrics: accuracy, weighted F1, macro F1.
 - entities, numeric, text: `generate_until`, greedy, the prompt written as the rule's generation prompt (trailing
   whitespace left out), stopped at the template's end of answer; parsed and scored by the harness's own
-  lora/prompts/parsing.py and eval/harness/metrics.py, which are copied into the folder (eval/harness/lm_eval_metrics.py loads them).
+  lora/prompts/parsing.py and eval/harness/metrics.py, which are copied into the folder
+  (eval/harness/lm_eval_metrics.py loads them).
 The data paths in the YAML files are absolute: move the folder and export again.
 """
 

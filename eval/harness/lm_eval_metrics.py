@@ -1,7 +1,8 @@
 """The functions an exported lm-eval task calls (`!function lm_eval_metrics.NAME`): our parsing and our metrics.
 
 `python eval/evaluate.py --export-lm-eval DIR` copies this file into DIR next to copies of lora/prompts/parsing.py and
-eval/harness/metrics.py, which it loads by path (lm-eval imports a task's functions from the YAML's folder, with no package
+eval/harness/metrics.py, which it loads by path (lm-eval imports a task's functions from the YAML's folder, with no
+package
 around them), so an exported folder scores with exactly the harness's rules and needs nothing from this repository.
 
 lm-eval calls `process_*` once per document; each returns one item per metric, and the `aggregate_*` functions

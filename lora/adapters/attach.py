@@ -1,4 +1,5 @@
-"""Attaching LoRA/DoRA to a loaded base from a recipe: target modules, the LoraConfig, starting from a trained adapter."""
+"""Attaching LoRA/DoRA to a loaded base from a recipe: target modules, the LoraConfig, starting from a trained
+adapter."""
 
 from __future__ import annotations
 

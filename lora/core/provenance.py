@@ -6,10 +6,14 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
+__all__ = ["LIBRARIES", "git_commit", "library_versions"]
+
+# What a training run and an evaluation record both name: the libraries whose versions change the numbers.
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
 def library_versions() -> dict[str, str | None]:
+    """{library: installed version} for every name in LIBRARIES; None (JSON null) for one that is not installed."""
     versions = {}
     for name in LIBRARIES:
         try:

@@ -128,7 +128,8 @@ class QuantisationSettings:
     def describe(self) -> str:
         """One line for logs and records: e.g. "4-bit nf4, double quantisation, bfloat16 compute"."""
         if self.bits == 4:
-            return (f"4-bit {self.quant_type}, {'double quantisation' if self.double_quant else 'no double quantisation'}"
+            double = "double quantisation" if self.double_quant else "no double quantisation"
+            return (f"4-bit {self.quant_type}, {double}"
                     f", {self.compute_dtype} compute")
         if self.bits == 8:
             return f"8-bit, int8 threshold {self.int8_threshold:g}"

@@ -8,6 +8,11 @@ How rows are grouped into `generate` calls (peft 0.21.2):
   the base) send each row through its own adapter.
 - peft refuses `adapter_names` for DoRA adapters ("Cannot pass `adapter_names` when DoRA is enabled"), so each DoRA
   adapter gets a call of its own with that adapter active.
+- Rows whose answers end at different tokens (an adapter trained under the chat template, whose end of turn is not
+  the EOS, next to a plain one) get separate calls: one call stops every row at the same tokens.
+Left padding, the `generate` call and the cut at the first stop token are lora.prompts.generation's, shared with the
+evaluation harness; where an answer ends follows the prompt template in the adapter's recipe.json ("plain" for the
+base and for adapters without one), as the harness and GRPO decide it.
 DoRA's row norm ||W0 + s·BA|| depends only on weights, so it is computed once when the adapter loads (peft's
 `DoraCaching`, filled by one warm-up forward) and every later forward reuses it instead of recomputing it per token.
 """
@@ -27,7 +32,23 @@ import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 from lora.adapters.folders import AdapterError, read_adapter_records, read_adapter_weights, refuse_if_normalised
 from lora.core.errors import UserError, did_you_mean
 from lora.models.quantisation import QuantisationSettings
-from lora.prompts.templates import encode_prompt_text
+from lora.prompts.generation import generate_batch, padding_token_id, stop_token_ids
+from lora.prompts.templates import BUILTIN_TEMPLATES, encode_prompt_text
+
+__all__ = [
+    "ADAPTER_NAME_PATTERN",
+    "ADAPTER_NAME_RULE",
+    "BASE_ROUTE",
+    "MAGNITUDE_KEY",
+    "AdapterConflictError",
+    "AdapterHost",
+    "BadRequestError",
+    "GeneratedRow",
+    "GenerationRow",
+    "ServedAdapter",
+    "UnknownModelError",
+    "build_host",
+]
 
 BASE_ROUTE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 MAGNITUDE_KEY = "lora_magnitude_vector"
@@ -59,6 +80,8 @@ class ServedAdapter:
         trained_on: the base model recorded in the adapter (adapter_config.json / recipe.json), if any.
         created: when it was loaded (Unix seconds).
         notes: warnings found at load time (another base recorded, another quantisation), for the caller.
+        prompt_template: the template it was trained under (recipe.json), "plain" when not recorded.
+        stop_token_ids: the tokens that end its answers under that template.
     """
 
     name: str
@@ -67,6 +90,8 @@ class ServedAdapter:
     trained_on: str | None
     created: int
     notes: tuple[str, ...] = ()
+    prompt_template: str = "plain"
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,7 +107,8 @@ class GenerationRow:
 
 @dataclass(frozen=True)
 class GeneratedRow:
-    """New tokens for one row (EOS not included) and why generation ended: "stop" (EOS) or "length"."""
+    """New tokens for one row (the stop token not included) and why generation ended: "stop" (a stop token) or
+    "length"."""
 
     token_ids: list[int]
     finish_reason: str
@@ -107,10 +133,14 @@ class AdapterHost:
         self.quant_bits = quant_bits
         self.adapters: dict[str, ServedAdapter] = {}
         self.context_length = _context_length(model.config, tokenizer)
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        # Read once here: the model thread must not touch the tokenizer while request threads encode with it
-        # (a fast tokenizer is a Rust object that raises "Already borrowed" under concurrent use).
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.generation_config = getattr(model, "generation_config", None)
+        # Read once here, for every built-in template: the model thread must not touch the tokenizer while request
+        # threads encode with it (a fast tokenizer is a Rust object that raises "Already borrowed" under concurrent
+        # use).
+        self.stops_by_template = {template: tuple(stop_token_ids(tokenizer, template, self.generation_config))
+                                  for template in BUILTIN_TEMPLATES}
+        self.stop_token_ids = self.stops_by_template["plain"]  # the base's: its prompts are plain text
+        self.pad_token_id = padding_token_id(tokenizer, self.stop_token_ids)
         self.device = model.device
         self.stats = {"generate_calls": 0, "rows": 0}
 
@@ -162,6 +192,7 @@ class AdapterHost:
         except BaseException:
             self._detach(name)
             raise
+        template = (records.recipe or {}).get("prompt_template") or "plain"
         adapter = ServedAdapter(
             name=name,
             path=folder,
@@ -169,6 +200,8 @@ class AdapterHost:
             trained_on=records.base_model,
             created=int(time.time()),
             notes=tuple(self._base_notes(records)),
+            prompt_template=template,
+            stop_token_ids=self._stops_for_template(template),
         )
         self.adapters[name] = adapter
         return adapter
@@ -180,6 +213,12 @@ class AdapterHost:
         self.require_model(name)
         self._detach(name)
         del self.adapters[name]
+
+    def _stops_for_template(self, template: str) -> tuple[int, ...]:
+        if template in self.stops_by_template:
+            return self.stops_by_template[template]
+        # A recipe's own "{context}" format string, met only now: one short encode of its end-of-answer text.
+        return tuple(stop_token_ids(self.tokenizer, template, self.generation_config))
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
@@ -248,7 +287,7 @@ class AdapterHost:
         """One forward with the adapter active fills peft's DoRA cache (B@A and ||W0 + s·BA|| per layer)."""
         from peft.helpers import DoraCaching
 
-        warm_up_ids = torch.tensor([[self.eos_token_ids[0]]], device=self.device)
+        warm_up_ids = torch.tensor([[self.pad_token_id]], device=self.device)  # the norms depend on weights only
         with DoraCaching(), torch.no_grad():
             self.model.set_adapter(name, inference_mode=True)
             self.model(input_ids=warm_up_ids)
@@ -274,8 +313,8 @@ class AdapterHost:
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
         """Token ids of a prompt; `BadRequestError` when empty or when prompt + completion exceed the context.
 
-        Encoded by the rule training uses (lora.prompts.templates): trailing whitespace is left for the completion, so a prompt
-        ending in "Answer: " is continued with the token " positive" the adapter learned, not after a lone " ".
+        Encoded by the rule training uses (lora.prompts.templates): trailing whitespace is left for the completion, so
+        a prompt ending in "Answer: " is continued with the token " positive" the adapter learned, not after a lone " ".
         """
         prompt_ids = encode_prompt_text(text, self.tokenizer, add_special_tokens=True)
         if not prompt_ids:
@@ -307,9 +346,9 @@ class AdapterHost:
             except UserError as error:
                 results[index] = error
         pending = [index for index, result in enumerate(results) if result is None]
-        for route, indices in self._plan_generate_calls(rows, pending).items():
+        for (route, _, _, stop_ids), indices in self._plan_generate_calls(rows, pending).items():
             try:
-                generated = self._generate(route[0], [rows[i] for i in indices])
+                generated = self._generate(route, [rows[i] for i in indices], stop_ids)
             except Exception as error:  # e.g. out of memory: fail these rows, serve the others
                 generated = [error] * len(indices)
             for index, result in zip(indices, generated):
@@ -317,7 +356,7 @@ class AdapterHost:
         return results
 
     def _plan_generate_calls(self, rows: list[GenerationRow], pending: list[int]) -> dict[tuple, list[int]]:
-        """Row indices per `generate` call, keyed by (route, temperature, top_p).
+        """Row indices per `generate` call, keyed by (route, temperature, top_p, stop token ids).
 
         route: None for the shared LoRA-and-base call, or the name of the one DoRA adapter the call runs.
         """
@@ -327,14 +366,14 @@ class AdapterHost:
             adapter = self.adapters.get(row.model)
             route = adapter.name if adapter is not None and adapter.kind == "dora" else None
             top_p = row.top_p if row.temperature > 0 else 1.0  # greedy rows ignore top_p: batch them all together
-            calls[(route, row.temperature, top_p)].append(index)
+            stop_ids = adapter.stop_token_ids if adapter is not None else self.stop_token_ids
+            calls[(route, row.temperature, top_p, stop_ids)].append(index)
         return calls
 
-    def _generate(self, dora_route: str | None, rows: list[GenerationRow]) -> list[GeneratedRow]:
+    def _generate(self, dora_route: str | None, rows: list[GenerationRow],
+                  stop_ids: tuple[int, ...]) -> list[GeneratedRow]:
         from peft.helpers import DoraCaching
 
-        input_ids, attention_mask = self._left_pad([row.prompt_ids for row in rows])
-        generation_kwargs = self._generation_kwargs(rows)
         routes = [BASE_ROUTE if row.model == self.base_name else row.model for row in rows]
         self.stats["generate_calls"] += 1
         self.stats["rows"] += len(rows)
@@ -348,42 +387,13 @@ class AdapterHost:
             self.model.set_adapter(routes[0], inference_mode=True)
         else:
             extra = {"adapter_names": routes}
-        with DoraCaching(), torch.no_grad(), adapter_context:
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs, **extra
+        with DoraCaching(), adapter_context:
+            continuations = generate_batch(
+                self.model, [row.prompt_ids for row in rows], max_new_tokens=[row.max_new_tokens for row in rows],
+                pad_id=self.pad_token_id, stop_ids=stop_ids, temperature=rows[0].temperature, top_p=rows[0].top_p,
+                **extra,
             )
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
-        return [self._finish(tokens[: row.max_new_tokens], row) for tokens, row in zip(new_tokens, rows)]
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(prompt) for prompt in prompts)
-        pad_id = self.pad_token_id
-        input_ids = [[pad_id] * (width - len(prompt)) + prompt for prompt in prompts]
-        attention_mask = [[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts]
-        return (
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(attention_mask, dtype=torch.long, device=self.device),
-        )
-
-    def _generation_kwargs(self, rows: list[GenerationRow]) -> dict:
-        from transformers import GenerationConfig
-
-        temperature, top_p = rows[0].temperature, rows[0].top_p
-        # top_k=0: OpenAI-style sampling has no top-k cut, transformers' default would be 50.
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        config = GenerationConfig(
-            max_new_tokens=max(row.max_new_tokens for row in rows),
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            **(sampling if temperature > 0 else {"do_sample": False}),
-        )
-        return {"generation_config": config}
-
-    def _finish(self, tokens: list[int], row: GenerationRow) -> GeneratedRow:
-        for position, token in enumerate(tokens):
-            if token in self.eos_token_ids:
-                return GeneratedRow(tokens[:position], "stop")
-        return GeneratedRow(tokens, "length")
+        return [GeneratedRow(c.token_ids, "stop" if c.stopped else "length") for c in continuations]
 
 
 def _check_magnitudes_in_file(folder: Path, is_dora: bool, weights: dict) -> None:
@@ -411,14 +421,6 @@ def _context_length(config, tokenizer) -> int | None:
         if isinstance(value, int) and 0 < value < 10_000_000:
             return value
     return None
-
-
-def _eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids or [0]
 
 
 def _same_folder(a: str, b: str) -> bool:

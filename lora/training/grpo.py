@@ -4,13 +4,15 @@ recipe so that `lora/finetune.py` drives it exactly like the supervised Trainer.
     python lora/finetune.py sentiment_smollm2_135m_4bits_r8_dora_grpo    # a grpo recipe, through the usual runner
 
 Each step samples `num_generations` completions per prompt from the adapter-wrapped model, scores them with the
-recipe's `reward_functions` (lora/prompts/rewards.py), and raises the likelihood of the completions that beat their group's
-mean reward. With `kl_beta` > 0 a KL term keeps the policy near the reference policy, which is the frozen base with
-the adapter switched off (peft's `disable_adapter`): no second copy of the model and no copy of the adapter is held.
+recipe's `reward_functions` (lora/prompts/rewards.py), and raises the likelihood of the completions that beat their
+group's mean reward. With `kl_beta` > 0 a KL term keeps the policy near the reference policy, which is the frozen base
+with the adapter switched off (peft's `disable_adapter`): no second copy of the model and no copy of the adapter is
+held.
 
-Prompts are the rows' contexts under the recipe's `prompt_template` (lora.prompts.templates.prompt_text), encoded by the rule
-training, the evaluation harness and the server share (lora.prompts.templates.encode_prompt_text: trailing whitespace left for
-the answer); each row's `target` reaches the reward functions.
+Prompts are the rows' contexts under the recipe's `prompt_template` (lora.prompts.templates.prompt_text), encoded by the
+rule training, the evaluation harness and the server share (lora.prompts.templates.encode_prompt_text: trailing
+whitespace left for the answer); each row's `target` reaches the reward functions. Completions end at the tokens the
+harness and the server stop at (lora.prompts.generation.stop_token_ids).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from lora.prompts.generation import stop_token_ids
 from lora.prompts.rewards import build_trl_reward, infer_labels
 from lora.prompts.templates import adds_special_tokens, check_template, encode_prompt_text, prompt_text
 from lora.training.sft import (
@@ -34,6 +38,19 @@ from lora.training.sft import (
     shared_trainer_arguments,
     use_recipe_callbacks,
 )
+
+__all__ = [
+    "LOGGED_METRICS",
+    "GrpoHistory",
+    "RecipeGrpoTrainer",
+    "RewardLog",
+    "build_grpo_config",
+    "build_grpo_trainer",
+    "build_prompt_dataset",
+    "build_reward_functions",
+    "restore_adapter_dtypes",
+    "use_base_as_reference",
+]
 
 # What TRL logs per logging step that the run record keeps (besides rewards/<name>/mean for each reward).
 LOGGED_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
@@ -113,8 +130,11 @@ class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
         """TRL writes a hub model card into the checkpoint folder on every save; the runner writes its own."""
 
 
-def build_grpo_config(recipe, checkpoint_dir: Path) -> GRPOConfig:
-    """GRPOConfig from a recipe: the same optimisation and logging fields as lora.training.sft's SFT arguments."""
+def build_grpo_config(recipe, checkpoint_dir: Path, *, stop_ids: Sequence[int]) -> GRPOConfig:
+    """GRPOConfig from a recipe: the same optimisation and logging fields as lora.training.sft's SFT arguments.
+
+    `stop_ids` (lora.prompts.generation.stop_token_ids) are what sampling stops at, instead of TRL's own choice.
+    """
     return GRPOConfig(
         **shared_trainer_arguments(recipe, checkpoint_dir),
         eval_strategy="no",
@@ -128,6 +148,7 @@ def build_grpo_config(recipe, checkpoint_dir: Path) -> GRPOConfig:
         beta=recipe["kl_beta"],
         temperature=recipe["temperature"],
         reward_weights=recipe["reward_weights"],
+        generation_kwargs={"eos_token_id": list(stop_ids)},
     )
 
 
@@ -146,18 +167,10 @@ def build_prompt_dataset(recipe, tokenizer, rows: list[dict]):
     return Dataset.from_list([{**row, "prompt": prompt} for row, prompt in zip(rows, prompts)])
 
 
-def end_token_ids(model, tokenizer) -> set[int]:
-    """Tokens that end a completion (TRL stops at these): EOS, the model's extra end ids (end of turn), padding."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    declared = model.generation_config.eos_token_id
-    ids.update(declared if isinstance(declared, list) else [declared])
-    return {i for i in ids if i is not None}
-
-
-def build_reward_functions(recipe, model, tokenizer, rows: list[dict]) -> list:
+def build_reward_functions(recipe, rows: list[dict], stop_ids: Sequence[int]) -> list:
+    """TRL reward callables for the recipe's `reward_functions`; a completion that ends in a stop token finished."""
     labels = infer_labels([row["target"] for row in rows])
-    ends = end_token_ids(model, tokenizer)
-    return [build_trl_reward(name, labels=labels, tolerance=recipe["reward_tolerance"], end_token_ids=ends)
+    return [build_trl_reward(name, labels=labels, tolerance=recipe["reward_tolerance"], end_token_ids=set(stop_ids))
             for name in recipe["reward_functions"]]
 
 
@@ -179,15 +192,21 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
     history = GrpoHistory()
     progress = ProgressAndGuard(history)
     adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    # Where an answer ends, as the harness scores it and the server serves it (EOS, the model's declared end ids,
+    # the template's end of turn).
+    stop_ids = stop_token_ids(tokenizer, recipe["prompt_template"], model.generation_config)
     trainer = RecipeGrpoTrainer(
         model=model,
-        reward_funcs=build_reward_functions(recipe, model, tokenizer, train_rows),
-        args=build_grpo_config(recipe, checkpoint_dir),
+        reward_funcs=build_reward_functions(recipe, train_rows, stop_ids),
+        args=build_grpo_config(recipe, checkpoint_dir, stop_ids=stop_ids),
         train_dataset=build_prompt_dataset(recipe, tokenizer, train_rows),
         processing_class=tokenizer,
         callbacks=[progress, RewardLog(history, progress)],
     )
     trainer.history = history  # RecipeTrainer's non-finite guard records into it
+    # TRL cuts each completion after its first `eos_token_ids` token (its own list: EOS and the declared ids); cut
+    # where sampling stopped, so a completion ends with its stop token and the rewards see it finished.
+    trainer.eos_token_ids = list(stop_ids)
     trainer.prompt_template = recipe["prompt_template"]
     use_recipe_callbacks(trainer)
     if not recipe["init_adapter"]:

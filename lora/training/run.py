@@ -249,7 +249,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     )
     if hasattr(history, "reward_record"):
         summary["rewards"] = history.reward_record()
-    finish_tracking(trainer, summary, task_facts)  # scores and key figures to the trackers, before the folder is published
+    # scores and key figures to the trackers, before the folder is published
+    finish_tracking(trainer, summary, task_facts)
     full_state = gathered_state_dict(trainer)  # a collective under FSDP/ZeRO-3: every process calls it
     if state.is_main_process:
         write_final_outputs(recipe, model, tokenizer, trainer, history, summary, output_dir, full_state, task_facts)

@@ -11,7 +11,8 @@ name another place (a variable the user set is never changed): tensorboard -> lo
 configuration (most need credentials the user sets up). `--resume` continues the TensorBoard log.
 
 The stock callbacks end their run in on_train_end, before the after-training scores exist; `hold_trackers` holds
-that end back and `finish_tracking` logs the run record's figures (lora.training.run_record.tracker_figures), then ends them.
+that end back and `finish_tracking` logs the run record's figures (lora.training.run_record.tracker_figures), then
+ends them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""One rule for where an answer ends: the evaluation harness, GRPO and the server stop at the same tokens.
+
+Each component is asked through its own code path (the harness's generate mode, the GRPO trainer the runner builds,
+the server's batched generate), on a tiny model whose three kinds of end token all differ: the tokenizer's EOS, an
+extra end id the model declares in its generation config, and the chat template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import REPO_ROOT
+from lora.adapters.attach import attach_adapter
+from lora.models.loading import load_base_model, load_tokenizer
+from lora.models.quantisation import QuantisationSettings
+from lora.prompts.rows import load_rows
+from lora.recipes.registry import resolve_recipe
+from lora.serving.host import AdapterHost, GenerationRow
+from tiny_model import build_tiny_llama, build_tiny_tokenizer
+
+SENTIMENT = REPO_ROOT / "data/train/sentiment_train.jsonl"
+END_OF_TURN = "<|end|>"  # closes the assistant turn of this test's chat template
+DECLARED_END = "<|eot|>"  # an end id only the model's generation config names
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}" + END_OF_TURN + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama whose EOS, pad, declared end id and chat end-of-turn are four different tokens."""
+    directory = tmp_path_factory.mktemp("three-ends")
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([END_OF_TURN, DECLARED_END], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = build_tiny_llama(len(tokenizer))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(DECLARED_END)]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(str(model_dir))
+
+
+def record_generate_stops(model) -> list[set[int]]:
+    """Wrap `model.generate` (still calling it) to record the token ids each call stops at."""
+    seen: list[set[int]] = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        stops = kwargs["generation_config"].eos_token_id
+        seen.append(set(stops if isinstance(stops, list) else [stops]))
+        return generate(*args, **kwargs)
+
+    model.generate = recording_generate
+    return seen
+
+
+def harness_stops(model_dir, tokenizer, template: str, tmp_path) -> set[int]:
+    from eval.harness.evaluation import evaluate_tasks
+
+    rows = load_rows(str(SENTIMENT))[:2]
+    data = tmp_path / "sentiment.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = load_base_model(str(model_dir), QuantisationSettings.unquantised())
+    seen = record_generate_stops(model)
+    evaluate_tasks(model, tokenizer, ["sentiment"], prompt_template=template, mode="generate", progress=False,
+                   data_overrides={"sentiment": str(data)})
+    assert seen and all(stops == seen[0] for stops in seen)
+    return seen[0]
+
+
+def grpo_stops(model_dir, tokenizer, template: str, tmp_path) -> dict[str, set[int]]:
+    """What TRL samples until, where it cuts a completion, and which last tokens the rewards count as finished."""
+    from lora.training.grpo import build_grpo_trainer
+
+    registry = tmp_path / "finetune_configs.json"
+    registry.write_text(json.dumps({"rl": {
+        "base_model": str(model_dir), "dataset_path": str(SENTIMENT), "trainer": "grpo", "quant_bits": None,
+        "prompt_template": template, "reward_functions": ["format"], "lora_r": 4, "lora_alpha": 8,
+        "batch_size": 2, "num_generations": 2, "max_steps": 1,
+    }}))
+    recipe = resolve_recipe("rl", registry)
+    model = attach_adapter(recipe, load_base_model(str(model_dir), QuantisationSettings.unquantised()))
+    rows = load_rows(str(SENTIMENT))[:8]
+    trainer, _ = build_grpo_trainer(recipe, model, tokenizer, rows, tmp_path / "checkpoints")
+    sampling = trainer.generation_config.eos_token_id
+    # The "format" reward scores a bare label 1 exactly when the completion counts as finished: probe every token.
+    reward = trainer.reward_funcs[0]
+    vocabulary = range(len(tokenizer))
+    scores = reward(prompts=[""] * len(vocabulary), completions=["positive"] * len(vocabulary),
+                    completion_ids=[[5, token] for token in vocabulary], target=["positive"] * len(vocabulary))
+    return {
+        "sampling": set(sampling if isinstance(sampling, list) else [sampling]),
+        "cut": set(trainer.eos_token_ids),
+        "reward": {token for token, score in zip(vocabulary, scores) if score == 1.0},
+    }
+
+
+def server_stops(model_dir, tokenizer, template: str, tmp_path) -> set[int]:
+    """The stops of a served adapter whose recipe.json records `template`, as the server's batched generate uses."""
+    base = load_base_model(str(model_dir), QuantisationSettings.unquantised())
+    adapter_dir = tmp_path / "adapter"
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(adapter_dir)
+    base = peft_model.unload()
+    (adapter_dir / "recipe.json").write_text(json.dumps({"base_model": str(model_dir), "quant_bits": None,
+                                                         "prompt_template": template}))
+    host = AdapterHost("base", base, load_tokenizer(str(model_dir)))
+    host.load_adapter("adapter", adapter_dir)
+    seen = record_generate_stops(host.model)
+    prompt = "Input: Shares rose.\nAnswer: "
+    if template == "chat":
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=False)
+    results = host.run_batch([GenerationRow("adapter", host.encode_prompt(prompt, 2), 2)])
+    assert not isinstance(results[0], Exception), results[0]
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_harness_grpo_and_server_stop_at_the_same_tokens(model_dir, tokenizer, template, tmp_path):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    declared, end_of_turn = tokenizer.convert_tokens_to_ids([DECLARED_END, END_OF_TURN])
+    assert len({eos, pad, declared, end_of_turn}) == 4  # the test means something only when they all differ
+
+    for part in ("harness", "grpo", "server"):
+        (tmp_path / part).mkdir()
+    harness = harness_stops(model_dir, tokenizer, template, tmp_path / "harness")
+    grpo = grpo_stops(model_dir, tokenizer, template, tmp_path / "grpo")
+    server = server_stops(model_dir, tokenizer, template, tmp_path / "server")
+    found = {"harness": harness, **{f"grpo {part}": stops for part, stops in grpo.items()}, "server": server}
+
+    # EOS and every end id the model declares; under the chat template also the end of turn an adapter learnt to
+    # emit. Never the pad token: padding is not an answer's end.
+    expected = {eos, declared} | ({end_of_turn} if template == "chat" else set())
+    assert found == dict.fromkeys(found, expected)
