@@ -184,13 +184,13 @@ def test_server_answers_a_completion_on_cuda(trained):
     import httpx
     from fastapi.testclient import TestClient
 
-    from lora.serving.app import create_app
+    from lora.serving.app import create_app, served_quantisation
     from lora.serving.host import build_host
 
     recipe, _, out = trained["cuda_dora_4bit"]
-    host = build_host(str(recipe["base_model"]), quantisation=QuantisationSettings.from_recipe(recipe))
+    host = build_host(str(recipe["base_model"]), quantisation=served_quantisation([("dora", out)], 4, "float32"))
     host.load_adapter("dora", out)
-    with TestClient(create_app(host, window_ms=5)) as client:
+    with TestClient(create_app(host, adapter_root=out.parent, window_ms=5)) as client:
         response = client.post(
             "/v1/completions", json={"model": "dora", "prompt": "Input: Shares rose.\nAnswer: ", "max_tokens": 4}
         )
