@@ -8,6 +8,7 @@ is still an arrow). The order below is the one README.md's "Architecture" sectio
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +163,20 @@ def test_readme_shows_the_same_order():
     order_line = next((line for line in section.splitlines() if line.startswith("Import order:")), "")
     shown = [token.strip(" `.") for token in order_line.removeprefix("Import order:").split("->")]
     assert shown[:-1] == list(PART_ORDER) and shown[-1] == "commands", order_line
+
+
+def test_paths_the_documents_name_exist():
+    """A moved module leaves no dead link or stale path in README.md, BENCHMARKS.md or data/README.md."""
+    link = re.compile(r"\]\(([^)#\s]+)")
+    quoted_path = re.compile(r"`((?:lora|eval|bench|tests|data|\.ci)/[\w/.-]+\.(?:py|json|jsonl|md|sh|yaml))`")
+    missing = []
+    for document in ("README.md", "BENCHMARKS.md", "data/README.md"):
+        text = (REPO_ROOT / document).read_text(encoding="utf-8")
+        base = (REPO_ROOT / document).parent
+        for target in link.findall(text):
+            if "://" not in target and not (base / target).exists():
+                missing.append(f"{document}: link {target}")
+        for target in quoted_path.findall(text):
+            if not (REPO_ROOT / target).exists():
+                missing.append(f"{document}: path {target}")
+    assert missing == []
