@@ -155,25 +155,47 @@ def _saved_activation_bytes(model, batch) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("overrides", [["quant_bits=4", 'bnb_4bit_compute_dtype="float32"'], ["quant_bits=null"],
-                                       ["quant_bits=null", "use_dora=true"]])
-def test_activation_bytes_match_what_autograd_keeps(small_llama, overrides):
-    folder, registry = small_llama
-    recipe = resolve_recipe("small", registry, overrides)
+def _training_forward_saved_bytes(recipe, folder) -> int:
     model = load_base_model(str(folder), QuantisationSettings.from_recipe(recipe))
     model = attach_adapter(recipe, model)
     model.train()
     tokens = torch.randint(0, 512, (recipe["batch_size"], recipe["max_seq_length"]))
     batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
-    measured = _saved_activation_bytes(model, batch)
+    return _saved_activation_bytes(model, batch)
 
-    shape = model_shape_from_config(model.base_model.model.config)
-    per_layer, _, _ = activation_bytes_per_token(recipe, shape, mask_bytes=4)  # CPU dropout keeps float masks
+
+FP32_4BIT = ["quant_bits=4", 'bnb_4bit_compute_dtype="float32"']
+
+
+# The small recipe has lora_dropout 0.1; fast DoRA (the default) with and without it.
+@pytest.mark.parametrize("overrides", [FP32_4BIT, FP32_4BIT + ["lora_dropout=0"], ["quant_bits=null"],
+                                       ["quant_bits=null", "use_dora=true"], FP32_4BIT + ["use_dora=true"],
+                                       FP32_4BIT + ["use_dora=true", "lora_dropout=0"]])
+def test_activation_bytes_match_what_autograd_keeps(small_llama, overrides):
+    folder, registry = small_llama
+    recipe = resolve_recipe("small", registry, overrides)
+    measured = _training_forward_saved_bytes(recipe, folder)
+
+    shape = model_shape_from_config(load_model_config(recipe)[0])
+    per_layer, _, _ = activation_bytes_per_token(recipe, shape, mask_bytes=4)  # peft's CPU dropout keeps float masks
     # Forward only: the loss keeps its log-softmax output (4 bytes x vocab); the gradients that make up the rest of
     # the estimate's 12 bytes x vocab appear in backward. Plus the final norm's float32 input.
     forward_per_token = shape.num_layers * per_layer + 4 * shape.vocab_size + 4 * shape.hidden_size
     expected = recipe["batch_size"] * recipe["max_seq_length"] * forward_per_token
     assert expected == pytest.approx(measured, rel=0.10)
+
+
+def test_dropout_costs_a_fast_dora_layer_no_more_memory_than_a_lora_layer(small_llama):
+    """Dropout's extra saved tensors: peft's LoRA keeps a float mask and a dropped-out input copy per layer; fast
+    DoRA keeps a bool mask and one output-sized sum (op by op, DoRA kept both of LoRA's and two outputs more)."""
+    folder, registry = small_llama
+
+    def dropout_cost(adapter):
+        with_dropout, without = (resolve_recipe("small", registry, FP32_4BIT + [adapter, f"lora_dropout={p}"])
+                                 for p in (0.1, 0))
+        return _training_forward_saved_bytes(with_dropout, folder) - _training_forward_saved_bytes(without, folder)
+
+    assert 0 < dropout_cost("use_dora=true") <= dropout_cost("use_dora=false")
 
 
 def _dry_run(*args, cwd):

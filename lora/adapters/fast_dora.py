@@ -31,7 +31,10 @@ We keep that math and change only how it is evaluated:
   comes from the int8 weight itself (8-bit).
 - With lora_dropout > 0 in training, peft runs the base layer a second time on the dropped-out input (its
   `base_result=None` branch); we do the same, for quantised bases with the dequantised weight shared with
-  W Aᵀ and recomputed in backward rather than kept.
+  W Aᵀ and recomputed in backward rather than kept. Op by op, autograd would also keep, per adapted layer, a
+  float dropout mask, the dropped-out input, and both base(x_d) and the LoRA output; we keep a bool mask
+  (x_d is rebuilt from the shared input in backward) and their one weighted sum, which is all the
+  magnitude's gradient needs.
 
 Parameters, state_dict keys, merging and the saved format are peft's own: the variant subclasses peft's
 `DoraLinearVariant` and only replaces `forward`, and `lora_magnitude_vector[adapter]` stays peft's module.
@@ -88,12 +91,12 @@ class FastDoraLinearVariant(DoraLinearVariant):
                 _store_norm(module, active_adapter, norm)
             return _compose(module, active_adapter, result, lora_B(lora_A(x)), norm)
         # peft's dropout branch: the DoRA terms use base(dropout(x)) (no bias) instead of the base output.
-        x = dropout(x)
+        x, down = _dropout_then_down(dropout, lora_A, x)
         _, base_of_dropped, weight_times_a, weight_sq = _SharedWeightLinear.apply(
             None, x, lora_A.weight.detach(), base_layer, _needs_weight_sq(module)
         )
         norm = _row_norm(module, active_adapter, weight_times_a, weight_sq)
-        return _compose_with_dropout(module, active_adapter, result, base_of_dropped, lora_B(lora_A(x)), norm)
+        return _compose_with_dropout(module, active_adapter, result, base_of_dropped, lora_B(down), norm)
 
 
 if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
@@ -113,9 +116,9 @@ if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
             lora_B = self.lora_B[adapter]
             dropout = self.lora_dropout[adapter]
             lora_x = self._cast_input_dtype(x, lora_A.weight.dtype)
-            dropped_x = None
+            dropped_x = down = None
             if self.training and not isinstance(dropout, nn.Identity):
-                dropped_x = dropout(lora_x)
+                dropped_x, down = _dropout_then_down(dropout, lora_A, lora_x)
             norm = _cached_norm(self, adapter) if dropped_x is None else None
             if norm is not None:  # the norm is current: bitsandbytes' own GEMM (its own kernel choice), nothing else
                 result = self.get_base_layer()(x)
@@ -128,7 +131,7 @@ if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
             if dropped_x is None:
                 output = _compose(self, adapter, result, lora_B(lora_A(lora_x)), norm)
             else:
-                output = _compose_with_dropout(self, adapter, result, base_of_dropped, lora_B(lora_A(dropped_x)), norm)
+                output = _compose_with_dropout(self, adapter, result, base_of_dropped, lora_B(down), norm)
             return output.to(result.dtype)
 
         def _fused_adapter(self, args, kwargs) -> str | None:
@@ -397,8 +400,105 @@ def _compose(module, adapter: str, result: torch.Tensor, lora_out: torch.Tensor,
 def _compose_with_dropout(module, adapter, result, base_of_dropped, lora_out, norm):
     """peft's dropout branch, same expression: result + (g - 1) ⊙ base(dropout(x)) + g ⊙ s·lora(dropout(x))."""
     magnitude = module.lora_magnitude_vector[adapter].weight
-    scale = (magnitude.float() / norm).view(1, -1)
-    return result + ((scale - 1) * base_of_dropped + scale * lora_out * module.scaling[adapter])
+    return _DoraDropoutComposition.apply(result, base_of_dropped, lora_out, magnitude, norm,
+                                         float(module.scaling[adapter]))
+
+
+def _dropout_then_down(dropout: nn.Module, lora_A: nn.Module, x: torch.Tensor):
+    """(dropout(x), A·dropout(x)) as peft computes them, keeping a bool mask instead of the dropped-out input.
+
+    Op by op, autograd keeps the float mask and a copy of the dropped-out input for every adapted layer (q, k and
+    v each draw their own), two [tokens, in] float tensors per layer that a DoRA layer without dropout does not
+    keep. Only nn.Dropout outside autocast is fused; anything else runs as peft runs it."""
+    if type(dropout) is not nn.Dropout or type(lora_A) is not nn.Linear or torch.is_autocast_enabled():
+        dropped = dropout(x)
+        return dropped, lora_A(dropped)
+    return _DropoutThenDown.apply(x, lora_A.weight, float(dropout.p))
+
+
+class _DropoutThenDown(torch.autograd.Function):
+    """x_d = dropout(x) and x_d Aᵀ; saves x (which other layers reading the same input share), A and a bool mask,
+    and rebuilds x_d in backward for A's gradient.
+
+    The mask is drawn exactly as F.dropout draws it (CPU: a float tensor's bernoulli_, then divided by 1 - p; CUDA:
+    the fused native_dropout), so the same seed gives the same masks as peft's forward."""
+
+    @staticmethod
+    def forward(ctx, x, a_weight, p):
+        if x.device.type == "cuda":
+            dropped, keep = torch.native_dropout(x, p, True)
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+            dropped = x * noise
+            keep = noise.bool()  # a cast, several times faster on the CPU than comparing with zero
+        ctx.save_for_backward(x, a_weight, keep)
+        ctx.p = p
+        return dropped, F.linear(dropped, a_weight)
+
+    @staticmethod
+    def backward(ctx, grad_dropped, grad_down):
+        # The 1/(1 - p) of the kept elements is applied to the small A gradient and folded into one addmm for x's,
+        # so that the [tokens, in] work is one masked copy of x and one in-place masking, as op-by-op dropout costs.
+        x, a_weight, keep = ctx.saved_tensors
+        # Multiplying by the bool mask's bytes viewed as uint8 runs at a float multiply's speed on the CPU; bool
+        # operands take a slower path (measured 2-5x for where/mul on [2048, 576]).
+        keep = keep.view(torch.uint8)
+        kept_scale = 1 / (1 - ctx.p)
+        grad_x = grad_a = None
+        if grad_down is not None and ctx.needs_input_grad[1]:
+            rows = grad_down.reshape(-1, grad_down.shape[-1])
+            dropped = (x * keep).reshape(rows.shape[0], -1)
+            grad_a = (rows.T @ dropped).mul_(kept_scale).to(a_weight.dtype)
+        if ctx.needs_input_grad[0]:
+            if grad_down is not None:
+                down_rows = grad_down.reshape(-1, grad_down.shape[-1])
+                if grad_dropped is None:
+                    grad_x = (down_rows @ a_weight).mul_(kept_scale)
+                else:
+                    grad_x = torch.addmm(grad_dropped.reshape(down_rows.shape[0], -1), down_rows, a_weight,
+                                         beta=kept_scale, alpha=kept_scale)
+                grad_x = grad_x.reshape(x.shape)
+            elif grad_dropped is not None:
+                grad_x = grad_dropped * kept_scale
+            if grad_x is not None:
+                grad_x = grad_x.mul_(keep)
+        return grad_x, grad_a, None
+
+
+class _DoraDropoutComposition(torch.autograd.Function):
+    """y = result + (g - 1) ⊙ d + g ⊙ s·l with d = base(x_d) (no bias), l = B A x_d and g = m / norm (fp32).
+
+    Saves z = d + s·l and g, where the op-by-op expression keeps d and l: the magnitude's gradient is
+    Σ_t dy_t ⊙ z_t / norm, d's is dy ⊙ (g - 1), l's is dy ⊙ g·s."""
+
+    @staticmethod
+    def forward(ctx, result, base_of_dropped, lora_out, magnitude, norm, scaling):
+        scale = (_as_fp32(magnitude) / norm).view(1, -1)
+        # (g - 1) ⊙ d + g ⊙ s·l = g ⊙ z - d: three passes over the output instead of six.
+        combined = torch.add(base_of_dropped, lora_out, alpha=scaling)
+        output = torch.addcmul(result - base_of_dropped, scale, combined)
+        ctx.save_for_backward(combined, scale, norm, magnitude)
+        ctx.scaling = scaling
+        ctx.dtypes = (result.dtype, base_of_dropped.dtype, lora_out.dtype)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        combined, scale, norm, magnitude = ctx.saved_tensors
+        result_dtype, dropped_dtype, lora_dtype = ctx.dtypes
+        needs = ctx.needs_input_grad
+        grad_result = grad_dropped = grad_lora = grad_magnitude = None
+        if needs[0]:
+            grad_result = grad_output.to(result_dtype)
+        if needs[1]:
+            grad_dropped = (grad_output * (scale - 1)).to(dropped_dtype)
+        if needs[2]:
+            grad_lora = (grad_output * scale * ctx.scaling).to(lora_dtype)
+        if needs[3]:
+            rows = _as_fp32(grad_output.reshape(-1, grad_output.shape[-1]))
+            dot = torch.linalg.vecdot(rows, _as_fp32(combined.reshape(rows.shape)), dim=0)
+            grad_magnitude = (dot / norm).to(magnitude.dtype)
+        return grad_result, grad_dropped, grad_lora, grad_magnitude, None, None
 
 
 class _DoraComposition(torch.autograd.Function):

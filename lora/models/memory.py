@@ -171,8 +171,8 @@ def trainable_parameter_count(recipe, shape: ModelShape) -> int:
 def activation_bytes_per_token(recipe, shape: ModelShape, mask_bytes: int = 1) -> tuple[float, float, float]:
     """(one decoder layer, one checkpointed layer input, the output head and loss), in bytes per token.
 
-    `mask_bytes`: bytes per element of a dropout mask: 1 on CUDA (a bool mask), 4 on CPU (PyTorch's CPU dropout
-    keeps a float mask of the input's dtype).
+    `mask_bytes`: bytes per element of peft's dropout mask: 1 on CUDA (a bool mask), 4 on CPU (PyTorch's CPU
+    dropout keeps a float mask of the input's dtype); fast DoRA keeps a bool mask on both.
     """
     stream = _unquantised_bytes(recipe, shape)
     hidden, intermediate = shape.hidden_size, shape.intermediate_size
@@ -182,11 +182,9 @@ def activation_bytes_per_token(recipe, shape: ModelShape, mask_bytes: int = 1) -
     lora = 0.0
     per_layer_targets = [t for t in _targets(recipe, shape) if _layer_index(t.name) == _first_layer_index(shape)]
     for layer in per_layer_targets:
-        lora += 4 * layer.in_features + 4 * recipe["lora_r"]  # input cast to the float32 adapter, A's output
-        if recipe["lora_dropout"] > 0:
-            lora += mask_bytes * layer.in_features  # the dropout mask
-        if recipe["use_dora"]:
-            lora += 2 * stream * layer.out_features  # base and adapter outputs, both needed for the magnitude
+        lora += 4 * recipe["lora_r"]  # A's output
+        lora += _dropout_and_dora_bytes_per_token(recipe, layer, stream, mask_bytes)
+    lora += _adapter_input_bytes_per_token(recipe, per_layer_targets, stream)
     eight_bit_inputs = 0.0
     if recipe["quant_bits"] == 8:
         layer_linears = [t for t in shape.linears if _layer_index(t.name) == _first_layer_index(shape)]
@@ -194,6 +192,53 @@ def activation_bytes_per_token(recipe, shape: ModelShape, mask_bytes: int = 1) -
     per_layer = norms + attention + mlp + lora + eight_bit_inputs
     loss = shape.vocab_size * (12 if stream == 4 else 14)
     return per_layer, stream * hidden, loss
+
+
+# Projections of one decoder layer that read the same input tensor.
+_SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _peft_dropout_applies(recipe) -> bool:
+    """Whether peft's own dropout runs (it keeps each layer's dropped-out input); fast DoRA fuses its own."""
+    return recipe["lora_dropout"] > 0 and not (recipe["use_dora"] and recipe["fast_dora"])
+
+
+def _adapter_input_bytes_per_token(recipe, layer_targets: list[LinearLayer], stream: int) -> float:
+    """The float32 input the adapters keep for A's gradient, per token.
+
+    Each layer keeps its own when peft's dropout runs (a dropped-out copy each) or when the stream is not float32
+    (peft casts the input per layer); otherwise layers reading the same input share one tensor."""
+    if _peft_dropout_applies(recipe) or stream != 4:
+        return 4 * sum(layer.in_features for layer in layer_targets)
+    inputs = {}
+    for layer in layer_targets:
+        short = layer.name.rsplit(".", 1)[-1]
+        group = next((names for names in _SAME_INPUT if short in names), short)
+        inputs[group] = layer.in_features
+    return 4 * sum(inputs.values())
+
+
+# Llama's MLP keeps these projections' outputs for backward anyway (counted in `mlp`), so fast DoRA keeping its
+# output y costs nothing more there.
+_OUTPUT_KEPT_BY_THE_NEXT_OP = ("gate_proj", "up_proj")
+
+
+def _dropout_and_dora_bytes_per_token(recipe, layer: LinearLayer, stream: int, mask_bytes: int) -> float:
+    """What one adapted layer keeps for backward beyond LoRA's input and A's output, per token.
+
+    Fast DoRA (lora.adapters.fast_dora) keeps its output y without dropout, and with dropout a bool mask and one
+    float32 sum base(x_d) + s·lora(x_d); stock peft DoRA keeps the base and adapter outputs, and its dropout the
+    mask (`mask_bytes`; the dropped-out input is counted with the adapter's input). Stock DoRA also keeps
+    weight-sized tensors per layer (its weight-norm graph), not counted here: on small batches the estimate is
+    low for it (measured 0.63-0.89 of what autograd kept on the tiny test models)."""
+    dropout = recipe["lora_dropout"] > 0
+    if not recipe["use_dora"]:
+        return mask_bytes * layer.in_features if dropout else 0
+    if not recipe["fast_dora"]:
+        return 2 * stream * layer.out_features + (mask_bytes * layer.in_features if dropout else 0)
+    if dropout:
+        return 1 * layer.in_features + 4 * layer.out_features
+    return 0 if layer.name.rsplit(".", 1)[-1] in _OUTPUT_KEPT_BY_THE_NEXT_OP else stream * layer.out_features
 
 
 def _layer_index(name: str) -> int | None:
