@@ -168,13 +168,15 @@ def test_fast_dora_matches_stock_peft_under_gradient_checkpointing(tiny_model_di
     assert_same_training(fast, stock, batch(), FP32_TOLERANCE, FP32_TOLERANCE)
 
 
-def test_fast_dora_matches_stock_peft_with_bf16_compute(tiny_model_dir):
+@pytest.mark.parametrize(("dropout", "tolerance_logits"), [(0.0, 2e-3), (0.1, 1e-2)])
+def test_fast_dora_matches_stock_peft_with_bf16_compute(tiny_model_dir, dropout, tolerance_logits):
     """4-bit with bf16 compute: the base GEMM is bit-identical to bitsandbytes', but the next layer rounds its input
     to bf16, which turns fp32 last-bit differences (factored vs. direct norm) into ~1e-3 ones. Measured: logits
-    1.4e-4, gradients 2.5e-3 relative; asserted with 10x margin."""
-    fast = dora_model(tiny_model_dir, "nf4-bf16", fast=True)
-    stock = dora_model(tiny_model_dir, "nf4-bf16", fast=False)
-    assert_same_training(fast, stock, batch(), tolerance_logits=2e-3, tolerance_grads=3e-2)
+    1.4e-4 (1.1e-3 with dropout, where base(x_d) is our GEMM, not bitsandbytes'), gradients 2.5e-3 (4.1e-3)
+    relative; asserted with about 10x margin."""
+    fast = dora_model(tiny_model_dir, "nf4-bf16", fast=True, dropout=dropout)
+    stock = dora_model(tiny_model_dir, "nf4-bf16", fast=False, dropout=dropout)
+    assert_same_training(fast, stock, batch(), tolerance_logits=tolerance_logits, tolerance_grads=3e-2)
 
 
 @pytest.mark.parametrize("base", ["fp32", "nf4-fp32", "int8"])

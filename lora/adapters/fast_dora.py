@@ -474,9 +474,10 @@ class _DoraDropoutComposition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, base_of_dropped, lora_out, magnitude, norm, scaling):
         scale = (_as_fp32(magnitude) / norm).view(1, -1)
-        # (g - 1) ⊙ d + g ⊙ s·l = g ⊙ z - d: three passes over the output instead of six.
+        # (g - 1) ⊙ d + g ⊙ s·l = g ⊙ z - d: three passes over the output instead of six. The sum is in float32
+        # (scale and z are): result - d first would round it to a 16-bit result's precision.
         combined = torch.add(base_of_dropped, lora_out, alpha=scaling)
-        output = torch.addcmul(result - base_of_dropped, scale, combined)
+        output = torch.addcmul(result, scale, combined).sub_(base_of_dropped)
         ctx.save_for_backward(combined, scale, norm, magnitude)
         ctx.scaling = scaling
         ctx.dtypes = (result.dtype, base_of_dropped.dtype, lora_out.dtype)
