@@ -57,15 +57,6 @@ FINLORA_WARMUP_STEPS = 10
 # The probe: runs inside each tool's training process (stdlib only at import time)
 
 
-def _load_module_from(path: Path, name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def install_probe() -> None:
     """Wrap `transformers.Trainer.__init__`, whenever that module gets imported, to add the probe callback."""
     import importlib.abc
@@ -104,7 +95,11 @@ def probe_callback():
     import torch
     from transformers import TrainerCallback
 
-    counting = _load_module_from(REPO_ROOT / "lora" / "quantised_layers.py", "_peer_quantised_layers")
+    # The rule the runner checks with, imported from this checkout in axolotl's venv too (appended, so that nothing
+    # of axolotl's is shadowed; lora.models.quantisation needs only torch).
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    from lora.models.quantisation import count_quantised_layers
 
     class Probe(TrainerCallback):
         def __init__(self):
@@ -112,7 +107,7 @@ def probe_callback():
             self.started = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.record["layers"] = counting.count_quantised_layers(model)
+            self.record["layers"] = count_quantised_layers(model)
             self.record["vocab_rows"] = model.get_input_embeddings().num_embeddings
             self.record["torch_threads"] = torch.get_num_threads()
 
@@ -643,13 +638,17 @@ def main(argv=None) -> int:
         "```",
     ]
     print("\n" + "\n".join(lines))
-    if args.write:
+    failed = [row["variant"] for row in rows if "failed" in row]
+    if args.write and failed:
+        # A run that did not train measures nothing: it must not replace the results it would be compared with.
+        print(f"not writing BENCHMARKS.md: {', '.join(failed)} failed (logs above)", file=sys.stderr)
+    elif args.write:
         write_section(args, lines)
     if args.keep:
         (scratch / "rows.json").write_text(json.dumps(rows, indent=2))
     else:
         shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -88,6 +89,18 @@ def test_quantised_layers_are_counted_on_the_loaded_modules(tiny_model_dir):
     assert (eight["bits"], eight["linear8bit"], eight["linear4bit"], eight["quant_type"]) == (8, 14, 0, None)
     plain = count_quantised_layers(load_base_model(str(tiny_model_dir), QuantisationSettings.unquantised()))
     assert plain == {"bits": None, "linear4bit": 0, "linear8bit": 0, "plain_linear": 15, "quant_type": None}
+
+
+def test_the_peer_benchmark_probe_counts_with_the_runners_rule(tiny_model_dir):
+    """bench/peer_axolotl.py's probe runs in both tools' Trainers and counts the layers the model really holds."""
+    spec = importlib.util.spec_from_file_location("peer_axolotl", REPO_ROOT / "bench" / "peer_axolotl.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    model = load_base_model(str(tiny_model_dir), FOUR_BIT)
+    probe = peer.probe_callback()
+    probe.on_train_begin(None, None, None, model=model)
+    assert probe.record["layers"] == count_quantised_layers(model)
+    assert probe.record["layers"]["linear4bit"] == 14
 
 
 @pytest.mark.parametrize("bits", [4, 8])
