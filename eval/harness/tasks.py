@@ -1,4 +1,4 @@
-"""The evaluation task registry: eval/tasks.json, validated against eval/task_schema.json.
+"""The evaluation task registry: eval/tasks.json, validated against eval/harness/task_schema.json.
 
 A task says where its test rows live, what kind of answer it expects (one label of a fixed set, an entity list, a
 number, free text), which metrics to report and how long generation may run. `--data task=PATH` points a task at
