@@ -1,8 +1,27 @@
-"""Writing one benchmark's block into BENCHMARKS.md: the one rule every bench/ script's --write follows."""
+"""Writing one benchmark's block into BENCHMARKS.md: the one rule every bench/ script's --write follows, and the
+hardware words every block's Machine line starts with."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def hardware_name() -> str:
+    """The GPU's name, or the CPU's model name with its kind (a figure names the kind it ran on, e.g.
+    "AMD EPYC (AVX512-BF16)")."""
+    import torch
+
+    from lora.core.compute_dtype import CPUINFO, cpu_flags, cpu_kind
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor()} ({cpu_kind(cpu_flags())})"
 
 
 def write_block(path: Path, heading: str, begin: str, end: str, block: str) -> None:

@@ -41,7 +41,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -704,16 +703,9 @@ def machine_description(device: str) -> str:
     import peft
     import torch
     import transformers
+    from benchmarks_md import hardware_name  # bench/ is on sys.path as the script's folder
 
-    if device == "cuda":
-        hardware = torch.cuda.get_device_name(0)
-    else:
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        hardware = f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} torch threads"
+    hardware = hardware_name() if device == "cuda" else f"{hardware_name()}, {torch.get_num_threads()} torch threads"
     return (
         f"{hardware}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"bitsandbytes {bitsandbytes.__version__}"

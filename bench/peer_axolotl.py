@@ -90,15 +90,21 @@ def wrap_trainer_init(trainer_class) -> None:
     trainer_class.__init__ = __init__
 
 
+def make_this_checkout_importable() -> None:
+    """This checkout's `lora` package on sys.path, appended: in axolotl's processes (the probe) nothing of axolotl's
+    may be shadowed by a folder of ours."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+
+
 def probe_callback():
     """A TrainerCallback that writes step times, logged losses and the model's quantised layers to PROBE_ENV."""
     import torch
     from transformers import TrainerCallback
 
-    # The rule the runner checks with, imported from this checkout in axolotl's venv too (appended, so that nothing
-    # of axolotl's is shadowed; lora.models.quantisation needs only torch).
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
+    # The rule the runner checks with, imported from this checkout in axolotl's venv too (lora.models.quantisation
+    # needs only torch).
+    make_this_checkout_importable()
     from lora.models.quantisation import count_quantised_layers
 
     class Probe(TrainerCallback):
@@ -524,15 +530,11 @@ def format_changes(title: str, changes) -> list[str]:
 
 
 def machine_line() -> str:
-    import torch
+    from benchmarks_md import hardware_name  # bench/ is on sys.path as the script's folder
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    flags = Path("/proc/cpuinfo").read_text()
-    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2, no AVX512-BF16" if "avx2" in flags else "no AVX2"
-    return f"{names[0] if names else '?'} ({kind}), {os.cpu_count()} cores"
+    make_this_checkout_importable()
+
+    return f"{hardware_name()}, {os.cpu_count()} cores"
 
 
 def uptime_line() -> str:

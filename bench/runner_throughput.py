@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -291,13 +290,9 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def machine_description() -> str:
     import torch
+    from benchmarks_md import hardware_name  # bench/ is on sys.path as the script's folder
 
-    if torch.cuda.is_available():
-        hardware = torch.cuda.get_device_name(0)
-    else:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        hardware = f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
+    hardware = f"{hardware_name()}, {os.cpu_count()} cores"
     import peft
     import transformers
 

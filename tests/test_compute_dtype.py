@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from lora.core.compute_dtype import choose_dtype, cpu_flags, dtype_for
+from lora.core.compute_dtype import choose_dtype, cpu_flags, cpu_kind, dtype_for
 from lora.finetune import harness_scoring
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import recipe_notes, run_recipe
@@ -92,3 +92,13 @@ def test_dora_with_dropout_says_what_it_costs(tmp_path, tiny_model_dir):
     for quiet in ({"lora_dropout": 0.0}, {"lora_dropout": 0.05, "use_dora": False}):
         recipe = resolve_recipe("tiny_auto", _registry(tmp_path, tiny_model_dir, **quiet))
         assert not any("dropped-out" in note for note in recipe_notes(recipe))
+
+
+@pytest.mark.parametrize(("flags", "kind"), [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "AVX512-BF16 + AMX"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16"),
+    ({"avx2", "fma"}, "AVX2, no AVX512-BF16"),
+    (set(), "no AVX2"),
+])
+def test_cpu_kind_names_each_kind_these_machines_come_in(flags, kind):
+    assert cpu_kind(flags) == kind

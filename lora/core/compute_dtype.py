@@ -18,6 +18,7 @@ __all__ = [
     "AUTO_FIELDS",
     "choose_dtype",
     "cpu_flags",
+    "cpu_kind",
     "CPUINFO",
     "dtype_for",
     "NATIVE_BF16_CPU_FLAGS",
@@ -41,6 +42,16 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+def cpu_kind(flags: set[str]) -> str:
+    """The CPU kind in the words the README and BENCHMARKS use (the kinds differ in bf16 speed and bitsandbytes'
+    code paths), e.g. "AVX512-BF16 + AMX", "AVX512-BF16", "AVX2, no AVX512-BF16"."""
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16 + AMX" if "amx_bf16" in flags else "AVX512-BF16"
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX2, no AVX512-BF16" if "avx2" in flags else "no AVX2"
 
 
 def dtype_for(cuda_bf16: bool | None, flags: set[str]) -> tuple[str, str]:
