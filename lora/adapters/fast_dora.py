@@ -445,13 +445,12 @@ class _DropoutThenDown(torch.autograd.Function):
         keep = keep.view(torch.uint8)
         kept_scale = 1 / (1 - ctx.p)
         grad_x = grad_a = None
-        if grad_down is not None and ctx.needs_input_grad[1]:
-            rows = grad_down.reshape(-1, grad_down.shape[-1])
-            dropped = (x * keep).reshape(rows.shape[0], -1)
-            grad_a = (rows.T @ dropped).mul_(kept_scale).to(a_weight.dtype)
+        down_rows = None if grad_down is None else grad_down.reshape(-1, grad_down.shape[-1])
+        if down_rows is not None and ctx.needs_input_grad[1]:
+            dropped = (x * keep).reshape(down_rows.shape[0], -1)
+            grad_a = (down_rows.T @ dropped).mul_(kept_scale).to(a_weight.dtype)
         if ctx.needs_input_grad[0]:
-            if grad_down is not None:
-                down_rows = grad_down.reshape(-1, grad_down.shape[-1])
+            if down_rows is not None:
                 if grad_dropped is None:
                     grad_x = (down_rows @ a_weight).mul_(kept_scale)
                 else:
