@@ -120,11 +120,16 @@ def model_shape_from_config(config) -> ModelShape:
     )
 
 
+def _short_name(layer: LinearLayer) -> str:
+    """The projection's own name ("q_proj"), as recipes' lora_target_modules name it."""
+    return layer.name.rsplit(".", 1)[-1]
+
+
 def _targets(recipe, shape: ModelShape) -> list[LinearLayer]:
     wanted = recipe["lora_target_modules"]
     if wanted == "all-linear":
         return shape.linears
-    return [layer for layer in shape.linears if layer.name.rsplit(".", 1)[-1] in wanted]
+    return [layer for layer in shape.linears if _short_name(layer) in wanted]
 
 
 def base_weight_bytes(recipe, shape: ModelShape) -> float:
@@ -212,7 +217,7 @@ def _adapter_input_bytes_per_token(recipe, layer_targets: list[LinearLayer], str
         return 4 * sum(layer.in_features for layer in layer_targets)
     inputs = {}
     for layer in layer_targets:
-        short = layer.name.rsplit(".", 1)[-1]
+        short = _short_name(layer)
         group = next((names for names in _SAME_INPUT if short in names), short)
         inputs[group] = layer.in_features
     return 4 * sum(inputs.values())
@@ -238,7 +243,7 @@ def _dropout_and_dora_bytes_per_token(recipe, layer: LinearLayer, stream: int, m
         return 2 * stream * layer.out_features + (mask_bytes * layer.in_features if dropout else 0)
     if dropout:
         return 1 * layer.in_features + 4 * layer.out_features
-    return 0 if layer.name.rsplit(".", 1)[-1] in _OUTPUT_KEPT_BY_THE_NEXT_OP else stream * layer.out_features
+    return 0 if _short_name(layer) in _OUTPUT_KEPT_BY_THE_NEXT_OP else stream * layer.out_features
 
 
 def _layer_index(name: str) -> int | None:
