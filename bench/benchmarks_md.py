@@ -12,16 +12,11 @@ def hardware_name() -> str:
     "AMD EPYC (AVX512-BF16)")."""
     import torch
 
-    from lora.core.compute_dtype import CPUINFO, cpu_flags, cpu_kind
+    from lora.core.compute_dtype import cpu_flags, cpu_kind, cpu_model_name
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        lines = CPUINFO.read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor()} ({cpu_kind(cpu_flags())})"
+    return f"{cpu_model_name() or platform.processor()} ({cpu_kind(cpu_flags())})"
 
 
 def write_block(path: Path, heading: str, begin: str, end: str, block: str) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "choose_dtype",
     "cpu_flags",
     "cpu_kind",
+    "cpu_model_name",
     "CPUINFO",
     "dtype_for",
     "NATIVE_BF16_CPU_FLAGS",
@@ -31,17 +32,27 @@ NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: Path) -> str | None:
+    """The first value /proc/cpuinfo gives for any of `keys` (None where the file or the key is missing, e.g. macOS)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+    return set((_cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())
+
+
+def cpu_model_name(cpuinfo: Path = CPUINFO) -> str | None:
+    """The CPU's model name as the kernel reports it ("AMD EPYC"), None where it does not."""
+    return _cpuinfo_value(("model name",), cpuinfo)
 
 
 def cpu_kind(flags: set[str]) -> str:
