@@ -12,7 +12,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_problem", "fsync_path", "move_into_place", "new_file_mode", "remove_tree", "write_json_atomic"]
+__all__ = [
+    "file_problem",
+    "finish_interrupted_replacement",
+    "fsync_path",
+    "move_into_place",
+    "new_file_mode",
+    "remove_tree",
+    "write_json_atomic",
+]
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -73,12 +81,75 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+def _replacement_journal(out: Path) -> Path:
+    return out.parent / f".{out.name}.replacing.json"
+
+
 def move_into_place(build: Path, out: Path) -> None:
-    """Rename a finished build folder to `out`; an old `out` is moved aside first and removed after the rename."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
+    """Rename a finished build folder to `out`, replacing an old `out` in a way the next command can recover.
+
+    Replacing takes two renames (old `out` aside, build into place). Before the first one a journal
+    (`.<name>.replacing.json`) names both folders; it is removed only once the old one is gone. A process killed
+    between the renames leaves the journal, and `finish_interrupted_replacement` completes the swap.
+    """
+    build, out = Path(build), Path(out)
+    if not out.exists() and not out.is_symlink():
+        build.rename(out)
+        fsync_path(out.parent)
+        return
+    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    journal = _replacement_journal(out)
+    write_json_atomic(journal, {"new": build.name, "old": old.name, "output": out.name})
+    fsync_path(out.parent)
+    out.rename(old)
     build.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(out.parent)
+    _remove_path(old)
+    journal.unlink()
+    fsync_path(out.parent)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def finish_interrupted_replacement(out: Path) -> str | None:
+    """Complete a replacement of `out` that a killed process left half done; say what was done, or None.
+
+    A replacement starts only once its new build is complete, so the rule is to complete it: the new build goes into
+    place and the old `out` is removed. Only when the new build is gone (removed by hand) is the swap undone: the old
+    `out` comes back. Call it while holding `out`'s lock (lora.core.locks), before looking at `out`.
+    """
+    out = Path(out)
+    journal = _replacement_journal(out)
+    if not journal.is_file():
+        return None
+    try:
+        names = json.loads(journal.read_text(encoding="utf-8"))
+        new, old = out.parent / Path(names["new"]).name, out.parent / Path(names["old"]).name
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OSError(f"{journal} (an interrupted replacement of {out}) cannot be read: {error}") from None
+    out_there = out.exists() or out.is_symlink()
+    if new.exists():
+        if out_there and old.exists():
+            raise OSError(f"{journal}: {out}, {new} and {old} all exist; resolve the interrupted replacement by hand")
+        if out_there:
+            out.rename(old)
+        new.rename(out)
+        said = f"completed an interrupted replacement of {out}: the new output is in place, the previous one removed"
+    elif out_there:
+        said = f"completed an interrupted replacement of {out}: the previous output removed"
+    elif old.exists():
+        old.rename(out)
+        said = f"undid an interrupted replacement of {out}: its new build is gone, so the previous output is back"
+    else:
+        raise OSError(f"{journal}: neither {out}, its new build {new.name} nor the previous {old.name} exists")
+    fsync_path(out.parent)
+    if old.exists() or old.is_symlink():
+        _remove_path(old)
+    journal.unlink()
+    fsync_path(out.parent)
+    return said
