@@ -19,16 +19,15 @@ import jsonschema
 
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
+from lora.recipes.quantisation_fields import other_width_problems
 from lora.recipes.trainers import trainer_problems
 
 __all__ = [
     "ALIASES",
     "check_recipe_name",
     "DEFAULT_REGISTRY",
-    "EIGHT_BIT_FIELDS",
     "EVAL_TASKS_PATH",
     "format_recipe_table",
-    "FOUR_BIT_FIELDS",
     "list_recipes",
     "load_schema",
     "MAX_RECIPE_NAME_LENGTH",
@@ -54,8 +53,6 @@ ALIASES = {
     "peft_use_rslora": "use_rslora",
 }
 PATH_FIELDS = ("dataset_path", "validation_path", "init_adapter")
-FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
-EIGHT_BIT_FIELDS = ("llm_int8_threshold",)
 # A recipe name becomes a folder name (outputs/<recipe>/): letters, digits, "_" and "-", with "." only inside,
 # so that no name is a path ("/", "..", an absolute path) nor a hidden folder (the runner's own temporary ones).
 RECIPE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]([A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
@@ -235,13 +232,7 @@ def _cross_field_problems(
 ) -> list[str]:
     """Checks one field's schema cannot express; `given` = fields the user set (not defaults)."""
     problems = []
-    bits = fields.get("quant_bits")
-    if bits != 4:
-        for key in sorted(quant_layer_fields.intersection(FOUR_BIT_FIELDS)):
-            problems.append(f'field "{key}" is a 4-bit option but quant_bits is {json.dumps(bits)} (set quant_bits 4)')
-    if bits != 8:
-        for key in sorted(quant_layer_fields.intersection(EIGHT_BIT_FIELDS)):
-            problems.append(f'field "{key}" is an 8-bit option but quant_bits is {json.dumps(bits)} (set quant_bits 8)')
+    problems.extend(other_width_problems(fields.get("quant_bits"), quant_layer_fields))
     if fields.get("validation_path") and fields.get("validation_split", 0) > 0:
         problems.append('give either "validation_path" or "validation_split", not both')
     has_validation = bool(fields.get("validation_path")) or fields.get("validation_split", 0) > 0
