@@ -19,6 +19,7 @@ import jsonschema
 
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
+from lora.recipes.data_fields import data_field_problems, resolve_dataset_paths
 from lora.recipes.quantisation_fields import other_width_problems
 from lora.recipes.trainers import trainer_problems
 
@@ -249,6 +250,7 @@ def _cross_field_problems(
     if fields.get("max_steps", -1) == 0:
         problems.append('field "max_steps": 0 would train nothing (use -1 for num_epochs, or a positive count)')
     problems.extend(trainer_problems(fields, given))
+    problems.extend(data_field_problems(fields, given, EVAL_TASKS_PATH))
     return problems
 
 
@@ -324,6 +326,7 @@ def resolve_recipe(
     for key in PATH_FIELDS:
         if resolved.get(key):
             resolved[key] = str((registry_path.parent / Path(resolved[key]).expanduser()).resolve())
+    resolve_dataset_paths(resolved, registry_path.parent)
     return Recipe(name=name, fields=resolved, registry_path=registry_path, overrides=override_values,
                   spellings=spellings, auto_dtypes=auto_dtypes)
 
@@ -345,7 +348,8 @@ def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:
                 "quant": f"{recipe['quant_bits']}-bit" if recipe.quantised else recipe["dtype"],
                 "adapter": "DoRA" if recipe["use_dora"] else "LoRA",
                 "rank": recipe["lora_r"],
-                "dataset": _display_path(recipe["dataset_path"], registry_path.parent),
+                "dataset": (_display_path(recipe["dataset_path"], registry_path.parent) if recipe["dataset_path"]
+                            else f"{len(recipe['datasets'])} datasets (mixture)"),
             }
         )
     return rows

@@ -80,9 +80,9 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
 
     from lora.adapters.attach import check_init_adapter
     from lora.models.source import resolve_model_source
-    from lora.prompts.rows import load_rows
     from lora.prompts.templates import check_template
     from lora.recipes.outputs import is_finished
+    from lora.training.data_mixture import check_data_files
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
@@ -95,9 +95,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
     state = PartialState(cpu=not torch.cuda.is_available())
     check_template(recipe["prompt_template"])
-    for key in ("dataset_path", "validation_path"):
-        if recipe[key]:
-            load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
+    check_data_files(recipe)  # fail on a missing file, a bad row or a wrong format before any model loads
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
@@ -132,10 +130,11 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     from lora.core.provenance import git_commit, library_versions
     from lora.models.loading import load_base_model, load_tokenizer
     from lora.models.quantisation import QuantisationSettings, count_quantised_layers
-    from lora.prompts.rows import file_sha256, load_rows
-    from lora.prompts.templates import boundary_report
+    from lora.prompts.rows import file_sha256
     from lora.recipes.outputs import SUMMARY_FILE
     from lora.recipes.registry import REPO_ROOT
+    from lora.training.data_mixture import encoding_report
+    from lora.training.early_stopping import attach_early_stopping
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
     from lora.training.sft import gathered_state_dict, peak_memory_bytes
     from lora.training.tracking import finish_tracking
@@ -150,7 +149,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         "base_model": recipe["base_model"],
         "model_source": source.origin,
         "weights_from": source.provenance,
-        "dataset_sha256": file_sha256(recipe["dataset_path"]),
+        "dataset_sha256": file_sha256(recipe["dataset_path"]) if recipe["dataset_path"] else None,
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
@@ -187,9 +186,12 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     builder = trainer_module(recipe["trainer"])
     data, description = builder.load_training_data(recipe, tokenizer)
     milestone(f"data: {description}")
+    if getattr(data, "record", None):
+        summary["datasets"] = data.record  # each file's sha256, rows read and rows used
     scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
     trainer, history = builder.build_recipe_trainer(recipe, model, tokenizer, data, output_dir / CHECKPOINT_DIR)
-    encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
+    stopping = attach_early_stopping(trainer, recipe, scoring, output_dir / CHECKPOINT_DIR)
+    encoding = encoding_report(recipe, tokenizer, data)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
                   f"prompt and answer under prompt_template {recipe['prompt_template']!r} (the answer's first token "
@@ -199,6 +201,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
               f"{'steps' if trainer.args.max_steps > 0 else 'epoch(s)'}, "
               f"batch {recipe['batch_size']} x {recipe['gradient_accumulation_steps']} accumulation")
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopping is not None and not history.stopped_on_non_finite_loss:
+        summary["early_stopping"] = stopping.publish_best(trainer)  # the best evaluated step's adapter is published
     answer_tokens = trainer.total_answer_tokens()
 
     if history.stopped_on_non_finite_loss:
@@ -240,6 +244,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     )
     if hasattr(history, "reward_record"):
         summary["rewards"] = history.reward_record()
+    if hasattr(history, "preference_record"):
+        summary["preferences"] = history.preference_record()
     # scores and key figures to the trackers, before the folder is published
     finish_tracking(trainer, summary, task_facts)
     full_state = gathered_state_dict(trainer)  # a collective under FSDP/ZeRO-3: every process calls it
