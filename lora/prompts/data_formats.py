@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora.core.errors import DataError
-from lora.prompts.chat import check_conversation
+from lora.prompts.chat import check_conversation, conversation_as_row
 from lora.prompts.rows import file_sha256, load_rows
 
-__all__ = ["DataFile", "FORMATS", "detect_format", "read_data_file", "row_line_numbers"]
+__all__ = ["DataFile", "FORMATS", "detect_format", "read_data_file", "read_scoring_rows", "row_line_numbers"]
 
 FORMATS = ("finlora", "messages", "preference")
 _KEYS = {"finlora": '{"context", "target"}', "messages": '{"messages": [...]}',
@@ -125,3 +125,19 @@ def read_data_file(path: str | Path, data_format: str = "auto", *, label: str = 
     if data_format == "finlora":
         rows = load_rows(path)  # FinLoRA rows: the reader's own checks (strings, non-empty target) and messages
     return DataFile(path=path, format=data_format, rows=rows, where=where)
+
+
+def read_scoring_rows(path: str | Path) -> list[dict]:
+    """Rows the evaluation harness scores, as {"context", "target"}: FinLoRA rows as they are, chat rows as the
+    conversation up to their last assistant turn (the prompt) and that turn (the answer).
+
+    Raises:
+        DataError: as read_data_file; and for preference rows, which hold no single answer to score.
+    """
+    data = read_data_file(path, label="task data")
+    if data.format == "preference":
+        raise DataError(f"{data.path}: preference rows hold two answers, not one to score; give a task file of "
+                        '{"context", "target"} or {"messages": [...]} rows.')
+    if data.format == "messages":
+        return [conversation_as_row(row["messages"], where) for row, where in zip(data.rows, data.where, strict=True)]
+    return data.rows
