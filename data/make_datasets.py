@@ -6,7 +6,8 @@ Commands (any working directory):
 
 Preference pairs for dpo recipes ({"context", "chosen", "rejected"}: the right answer chosen, a plausible wrong one
 rejected: another label, one entity's type swapped, a near-miss number) go to data/preference/<task>_{train,test}.jsonl,
-the test pairs (held out) from the test rows.
+the test pairs (held out) from the test rows. data/chat/sentiment_train.jsonl holds the sentiment train rows as chat
+rows ({"messages": [user: context, assistant: target]}).
 
 Three tasks, each 600 train rows and 200 test rows: news sentiment (negative/neutral/positive), named-entity
 extraction (ORG/PER/LOC) and numeric questions on statement snippets. Every sentence is composed here from
@@ -912,6 +913,10 @@ def build_all() -> dict[str, list[dict]]:
             rng = random.Random(SEED + 10 * offset + (5 if split == "train" else 6))
             files[f"preference/{task}_{split}.jsonl"] = preference_rows(task, files[f"{split}/{task}_{split}.jsonl"],
                                                                        rng)
+    # The sentiment train rows as chat rows (a chat-format recipe on the same data as the plain one).
+    files["chat/sentiment_train.jsonl"] = [{"messages": [{"role": "user", "content": row["context"]},
+                                                         {"role": "assistant", "content": row["target"]}]}
+                                           for row in files["train/sentiment_train.jsonl"]]
     return files
 
 
@@ -931,7 +936,7 @@ def main() -> None:
     for relative, rows in build_all().items():
         write_jsonl(args.out / relative, rows)
         detail = ""
-        if "sentiment" in relative and "preference" not in relative:
+        if "sentiment" in relative and relative.startswith(("train/", "test/")):
             detail = " (" + ", ".join(f"{label} {sum(r['target'] == label for r in rows)}"
                                       for label in SENTIMENT_LABELS) + ")"
         print(f"wrote {args.out / relative}: {len(rows)} rows{detail}")
