@@ -351,7 +351,7 @@ def convert_adapter(
     if source_format not in SOURCES:
         raise AdapterError(f'--from must be one of {", ".join(SOURCES)}, not "{source_format}".')
     source = Path(source).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     if not source.exists():
         raise AdapterError(f"{source} does not exist (expected a {source_format} checkpoint folder or weights file).")
     folder = source if source.is_dir() else source.parent

@@ -126,7 +126,7 @@ def merge_adapter(
             another command (`lora.core.files.claim_output_folder`).
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     records = read_adapter_records(adapter_dir)
     refuse_if_normalised(adapter_dir)
     if dtype is not None and dtype not in DTYPE_NAMES:

@@ -167,7 +167,7 @@ def normalize_dora_adapter(
         AdapterError: not a DoRA adapter, already normalised, or it does not fit the base.
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     if w0 not in W0_CHOICES:
         raise AdapterError(f'--w0 must be one of {", ".join(W0_CHOICES)}, not "{w0}".')
     records = read_adapter_records(adapter_dir)
