@@ -291,3 +291,15 @@ def test_a_replacement_a_kill_interrupted_is_completed_before_the_command_looks(
         assert code == 2 and "already exists" in captured.err  # the completed replacement is kept: no --overwrite
         assert (out / "from_the_new_build.txt").is_file()
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_replacement_journal_that_cannot_be_acted_on_stops_the_command_with_exit_2(sources, tmp_path, capsys):
+    out = user_folder(tmp_path / "out")
+    (out / MERGE_RECORD).write_text("{}")
+    journal = tmp_path / ".out.replacing.json"
+    journal.write_text("{not json")
+    before = snapshot(out)
+    assert merge_main([str(sources["dora"]), "--out", str(out), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert f"{journal} (an interrupted replacement of {out}) cannot be read" in error and "Traceback" not in error
+    assert snapshot(out) == before and journal.read_text() == "{not json"

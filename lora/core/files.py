@@ -255,8 +255,8 @@ def check_output_folder(out: Path | str, *, overwrite: bool, record: str, made_b
     if out.is_symlink() and not out.exists():
         raise OutputError(f"{flag} {out} is a symlink to nothing ({os.readlink(out)}); name a folder.")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{flag} {out} is a file, and {made_by} writes a folder: name a new folder (or an earlier "
-                          "output of this command, with --overwrite); the file is left as it is.")
+        raise OutputError(f"{flag} {out} is a file, and {made_by} writes a folder: name a folder instead (the file "
+                          "is left as it is).")
     if not out.is_dir():
         return
     ours = (out / record).is_file()
@@ -337,11 +337,16 @@ def claim_output_folder(out: Path | str, *, overwrite: bool, record: str, made_b
     inputs = tuple(inputs)
     given = Path(out).expanduser().absolute()
     refuse_output_over_inputs(given, inputs)  # before the lock: its file goes beside `out`, maybe inside an input
+    if given.is_symlink() and not given.exists():
+        raise OutputError(f"{flag} {given} is a symlink to nothing ({os.readlink(given)}); name a folder.")
     out = _real_path(given)
     if out is None:
         raise OutputError(f"{flag} {given} is a symlink loop; name a folder.")
     with hold_output_lock(out):
-        said = finish_interrupted_replacement(out)
+        try:
+            said = finish_interrupted_replacement(out)
+        except OSError as error:  # a journal that cannot be acted on: the user decides, nothing is guessed
+            raise OutputError(f"{error}. {made_by} leaves {out} alone until then.") from None
         if said:
             say(f"{made_by}: {said}")
 
