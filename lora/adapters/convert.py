@@ -355,8 +355,7 @@ def convert_adapter(
     if not source.exists():
         raise AdapterError(f"{source} does not exist (expected a {source_format} checkpoint folder or weights file).")
     folder = source if source.is_dir() else source.parent
-    inputs = [("the checkpoint", source),
-              ("the base model folder", Path(base_model).expanduser() if base_model else None)]
+    inputs = [("the checkpoint", source)]  # the base model is checked once resolved, before anything is written
     if not source.is_dir():  # a checkpoint file: its config and tokenizer files are read beside it
         inputs += [("the checkpoint's file", folder / name) for name in (ADAPTER_CONFIG, *TOKENIZER_FILE_NAMES)]
     # Held from here to the end: one writer per output.
