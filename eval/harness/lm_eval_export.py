@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from eval.harness import metrics
 from eval.harness.tasks import Task
-from lora.core.errors import UserError
+from lora.core.files import claim_output_folder
 from lora.prompts import parsing
 from lora.prompts.templates import answer_suffix, prompt_text, split_at_boundary
 
@@ -119,25 +119,27 @@ def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer) 
 
 
 def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *, template: str, tokenizer,
-                 source: dict | None = None) -> list[str]:
+                 source: dict | None = None, inputs: Iterable[tuple[str, Path | str | None]] = ()) -> list[str]:
     """Write the task folder `out_dir` (replaced whole once complete) and return the exported task names.
 
     Args:
         prepared: (task, rows, targets) as eval.harness.evaluation.prepare_tasks and task_targets give them.
         template: the adapter's prompt template ("plain", "chat" or a "{context}" string).
         source: what the prompts were rendered for (adapter, base model), recorded in the folder's marker file.
+        inputs: what else the export reads (the adapter's files, the tokenizer's folder), as (what, path) pairs;
+            the tasks' data files are added here. The export may not be, contain nor lie inside any of them.
 
     Raises:
-        UserError: `out_dir` exists and is not an earlier export (it is never overwritten then).
+        OutputError: `out_dir` is (inside) an input, a file, a folder that is not an earlier export (it is never
+            replaced then), or being written by another command (lora.core.files.claim_output_folder).
     """
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"--export-lm-eval {out_dir}: exists and is not an lm-eval export written by this tool "
-                        f"(no {MARKER}); name a new or empty folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    names = []
-    try:
+    inputs = [*inputs, *((f'the data file of task "{task.name}"', task.path) for task, _, _ in prepared)]
+    # An earlier export is replaced without a flag (the folder is ours and regenerated whole); nothing else is.
+    with claim_output_folder(out_dir, overwrite=True, record=MARKER, made_by="eval/evaluate.py --export-lm-eval",
+                             kind="an lm-eval export", inputs=inputs, flag="--export-lm-eval") as claim:
+        out_dir = claim.out
+        staging = claim.new_build()
+        names = []
         for task, rows, targets in prepared:
             name = lm_eval_task_name(task.name)
             data_file = staging / f"{name}.jsonl"
@@ -151,14 +153,5 @@ def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *
             shutil.copyfile(source_file, staging / name)
         marker = {"tasks": names, "prompt_template": template, **(source or {})}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            previous = out_dir.with_name(out_dir.name + ".previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            out_dir.rename(previous)
-            staging.rename(out_dir)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        claim.publish()
     return names

@@ -79,10 +79,12 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     from accelerate import PartialState
 
     from lora.adapters.attach import check_init_adapter
+    from lora.core.files import refuse_output_over_inputs
     from lora.models.source import resolve_model_source
     from lora.prompts.rows import load_rows
     from lora.prompts.templates import check_template
     from lora.recipes.outputs import is_finished
+    from lora.recipes.registry import PATH_FIELDS
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
@@ -99,6 +101,8 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         if recipe[key]:
             load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
+    refuse_output_over_inputs(output_dir, [*((f"the recipe's {key}", recipe[key]) for key in PATH_FIELDS),
+                                           ("the base model folder", source.path)])
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
     checkpoint, resume_note = resume_checkpoint(resume, output_dir)
