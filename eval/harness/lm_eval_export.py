@@ -9,7 +9,7 @@ rendered (chat template applied) so lm-eval needs no template of its own:
 - classification: `multiple_choice` over the task's labels, `target_delimiter: ""`. lm-eval moves the prompt's
   trailing whitespace into the label before tokenising, which is our encoding rule
   (lora.prompts.templates.encode_text_pair),
-  so it scores exactly the ids we train on and score. Metrics: accuracy, weighted F1, macro F1.
+  so it scores exactly the ids we train on and score.
 - entities, numeric, text: `generate_until`, greedy, the prompt written as the rule's generation prompt (trailing
   whitespace left out), stopped where our generation stops (`until`: the text of each token of
   lora.prompts.generation.stop_token_ids: EOS, the end ids the model declares, the template's end of answer);
@@ -36,9 +36,9 @@ from lora.prompts.templates import prompt_text, split_at_boundary
 __all__ = [
     "COPIED_MODULES",
     "export_tasks",
-    "GENERATION_METRICS",
     "lm_eval_task_name",
     "MARKER",
+    "metric_list",
     "METRICS_MODULE",
     "task_documents",
     "TASK_PREFIX",
@@ -53,12 +53,6 @@ COPIED_MODULES = {
     "lm_eval_metrics.py": Path(__file__).with_name("lm_eval_metrics.py"),
     "parsing.py": Path(parsing.__file__),
     "metrics.py": Path(metrics.__file__),
-}
-GENERATION_METRICS = {
-    "entities": {"entity_f1": "aggregate_entity_f1", "accuracy": "aggregate_entity_accuracy",
-                 "entity_precision": "aggregate_entity_precision", "entity_recall": "aggregate_entity_recall"},
-    "numeric": {"accuracy": "mean"},
-    "text": {"accuracy": "mean", "token_f1": "mean"},
 }
 
 
@@ -86,9 +80,14 @@ def task_documents(task: Task, rows: list[dict], targets: list, template: str, t
     return documents
 
 
-def _metric_lines(metric: str, aggregation: str) -> list[str]:
-    written = aggregation if aggregation == "mean" else f"!function {METRICS_MODULE}.{aggregation}"
-    return [f"  - metric: {metric}", f"    aggregation: {written}", "    higher_is_better: true"]
+def metric_list(kind: str) -> list[str]:
+    """The YAML `metric_list` of a `kind` task: every metric the one table (eval/harness/metrics.py) exports."""
+    lines = ["metric_list:"]
+    for metric in metrics.METRICS[kind]:
+        if metric.lm_eval:
+            written = "mean" if metric.lm_eval == "mean" else f"!function {METRICS_MODULE}.aggregate_corpus"
+            lines += [f"  - metric: {metric.name}", f"    aggregation: {written}", "    higher_is_better: true"]
+    return lines
 
 
 def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer, generation_config=None) -> str:
@@ -106,18 +105,13 @@ def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer, 
         "doc_to_target: target",
     ]
     if task.kind == "classification":
-        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""',
-                  f"process_results: !function {METRICS_MODULE}.process_classification", "metric_list:",
-                  *_metric_lines("accuracy", "mean"), *_metric_lines("weighted_f1", "aggregate_weighted_f1"),
-                  *_metric_lines("macro_f1", "aggregate_macro_f1")]
+        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""']
     else:
         until = ", ".join(json.dumps(text) for text in stop_strings(tokenizer, template, generation_config))
         lines += ["output_type: generate_until", 'target_delimiter: ""', "generation_kwargs:",
-                  f"  until: [{until}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false",
-                  f"process_results: !function {METRICS_MODULE}.process_{task.kind}", "metric_list:"]
-        for metric, aggregation in GENERATION_METRICS[task.kind].items():
-            lines += _metric_lines(metric, aggregation)
-    lines += ["metadata:", "  version: 1.0"]
+                  f"  until: [{until}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false"]
+    lines += [f"process_results: !function {METRICS_MODULE}.process_{task.kind}", *metric_list(task.kind),
+              "metadata:", "  version: 1.0"]
     return "\n".join(lines) + "\n"
 
 
