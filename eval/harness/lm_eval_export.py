@@ -9,11 +9,12 @@ rendered (chat template applied) so lm-eval needs no template of its own:
 - classification: `multiple_choice` over the task's labels, `target_delimiter: ""`. lm-eval moves the prompt's
   trailing whitespace into the label before tokenising, which is our encoding rule
   (lora.prompts.templates.encode_text_pair),
-  so it scores exactly the ids we train on and score. Metrics: accuracy, weighted F1, macro F1.
+  so it scores exactly the ids we train on and score.
 - entities, numeric, text: `generate_until`, greedy, the prompt written as the rule's generation prompt (trailing
-  whitespace left out), stopped at the template's end of answer; parsed and scored by the harness's own
-  lora/prompts/parsing.py and eval/harness/metrics.py, which are copied into the folder
-  (eval/harness/lm_eval_metrics.py loads them).
+  whitespace left out), stopped where our generation stops (`until`: the text of each token of
+  lora.prompts.generation.stop_token_ids: EOS, the end ids the model declares, the template's end of answer);
+  parsed and scored by the harness's own lora/prompts/parsing.py and eval/harness/metrics.py, which are copied
+  into the folder (eval/harness/lm_eval_metrics.py loads them).
 The data paths in the YAML files are absolute: move the folder and export again.
 """
 
@@ -29,14 +30,15 @@ from eval.harness import metrics
 from eval.harness.tasks import Task
 from lora.core.files import claim_output_folder
 from lora.prompts import parsing
-from lora.prompts.templates import answer_suffix, prompt_text, split_at_boundary
+from lora.prompts.generation import stop_strings
+from lora.prompts.templates import prompt_text, split_at_boundary
 
 __all__ = [
     "COPIED_MODULES",
     "export_tasks",
-    "GENERATION_METRICS",
     "lm_eval_task_name",
     "MARKER",
+    "metric_list",
     "METRICS_MODULE",
     "task_documents",
     "TASK_PREFIX",
@@ -51,12 +53,6 @@ COPIED_MODULES = {
     "lm_eval_metrics.py": Path(__file__).with_name("lm_eval_metrics.py"),
     "parsing.py": Path(parsing.__file__),
     "metrics.py": Path(metrics.__file__),
-}
-GENERATION_METRICS = {
-    "entities": {"entity_f1": "aggregate_entity_f1", "accuracy": "aggregate_entity_accuracy",
-                 "entity_precision": "aggregate_entity_precision", "entity_recall": "aggregate_entity_recall"},
-    "numeric": {"accuracy": "mean"},
-    "text": {"accuracy": "mean", "token_f1": "mean"},
 }
 
 
@@ -84,12 +80,18 @@ def task_documents(task: Task, rows: list[dict], targets: list, template: str, t
     return documents
 
 
-def _metric_lines(metric: str, aggregation: str) -> list[str]:
-    written = aggregation if aggregation == "mean" else f"!function {METRICS_MODULE}.{aggregation}"
-    return [f"  - metric: {metric}", f"    aggregation: {written}", "    higher_is_better: true"]
+def metric_list(kind: str) -> list[str]:
+    """The YAML `metric_list` of a `kind` task: every metric the one table (eval/harness/metrics.py) exports."""
+    lines = ["metric_list:"]
+    for metric in metrics.METRICS[kind]:
+        if metric.lm_eval:
+            written = "mean" if metric.lm_eval == "mean" else f"!function {METRICS_MODULE}.aggregate_corpus"
+            lines += [f"  - metric: {metric.name}", f"    aggregation: {written}", "    higher_is_better: true"]
+    return lines
 
 
-def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer) -> str:
+def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer, generation_config=None) -> str:
+    """The task's lm-eval YAML; `generation_config` is the base model's (its declared end ids stop an answer too)."""
     lines = [
         f"# {task.kind} task {json.dumps(task.name)}, prompts under prompt_template {json.dumps(template)}",
         f"task: {name}",
@@ -103,28 +105,26 @@ def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer) 
         "doc_to_target: target",
     ]
     if task.kind == "classification":
-        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""',
-                  f"process_results: !function {METRICS_MODULE}.process_classification", "metric_list:",
-                  *_metric_lines("accuracy", "mean"), *_metric_lines("weighted_f1", "aggregate_weighted_f1"),
-                  *_metric_lines("macro_f1", "aggregate_macro_f1")]
+        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""']
     else:
-        stop = answer_suffix(template, tokenizer).strip() or tokenizer.eos_token
+        until = ", ".join(json.dumps(text) for text in stop_strings(tokenizer, template, generation_config))
         lines += ["output_type: generate_until", 'target_delimiter: ""', "generation_kwargs:",
-                  f"  until: [{json.dumps(stop)}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false",
-                  f"process_results: !function {METRICS_MODULE}.process_{task.kind}", "metric_list:"]
-        for metric, aggregation in GENERATION_METRICS[task.kind].items():
-            lines += _metric_lines(metric, aggregation)
-    lines += ["metadata:", "  version: 1.0"]
+                  f"  until: [{until}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false"]
+    lines += [f"process_results: !function {METRICS_MODULE}.process_{task.kind}", *metric_list(task.kind),
+              "metadata:", "  version: 1.0"]
     return "\n".join(lines) + "\n"
 
 
 def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *, template: str, tokenizer,
-                 source: dict | None = None, inputs: Iterable[tuple[str, Path | str | None]] = ()) -> list[str]:
+                 source: dict | None = None, inputs: Iterable[tuple[str, Path | str | None]] = (),
+                 generation_config=None) -> list[str]:
     """Write the task folder `out_dir` (replaced whole once complete) and return the exported task names.
 
     Args:
         prepared: (task, rows, targets) as eval.harness.evaluation.prepare_tasks and task_targets give them.
         template: the adapter's prompt template ("plain", "chat" or a "{context}" string).
+        generation_config: the base model's `GenerationConfig` (None: only the tokenizer's and the template's ends
+            stop a generated answer).
         source: what the prompts were rendered for (adapter, base model), recorded in the folder's marker file.
         inputs: what else the export reads (the adapter's files, the tokenizer's folder), as (what, path) pairs;
             the tasks' data files are added here. The export may not be, contain nor lie inside any of them.
@@ -146,7 +146,7 @@ def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *
             with data_file.open("w", encoding="utf-8") as handle:
                 for document in task_documents(task, rows, targets, template, tokenizer):
                     handle.write(json.dumps(document, ensure_ascii=False) + "\n")
-            yaml_text = task_yaml(name, task, out_dir / data_file.name, template, tokenizer)
+            yaml_text = task_yaml(name, task, out_dir / data_file.name, template, tokenizer, generation_config)
             (staging / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
             names.append(name)
         for name, source_file in COPIED_MODULES.items():

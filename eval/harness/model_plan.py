@@ -12,8 +12,8 @@ from pathlib import Path
 from eval.harness.tasks import parse_data_overrides
 from lora.core.errors import ModelSourceError, UserError
 
-__all__ = ["export_for_lm_eval", "load_model", "model_plan", "plan_inputs", "plan_quantisation", "QUANT_CHOICES",
-           "REPO_ROOT", "slug"]
+__all__ = ["base_generation_config", "export_for_lm_eval", "load_model", "model_plan", "plan_inputs",
+           "plan_quantisation", "QUANT_CHOICES", "REPO_ROOT", "slug"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUANT_CHOICES = {"4": 4, "8": 8, "none": None, "16": None, "32": None}
@@ -109,7 +109,8 @@ def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, l
     tokenizer = load_tokenizer(tokenizer_folder(plan["adapter"], plan["path"]))
     source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
     names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
-                         template=template, tokenizer=tokenizer, source=source, inputs=plan_inputs(plan))
+                         template=template, tokenizer=tokenizer, source=source, inputs=plan_inputs(plan),
+                         generation_config=base_generation_config(plan["path"]))
     model_args = f"pretrained={plan['path']}"
     if plan["adapter"]:
         model_args += f",peft={plan['adapter']},tokenizer={tokenizer_folder(plan['adapter'], plan['path'])}"
@@ -122,6 +123,16 @@ def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, l
               "quantised model, hand the loaded model to lm_eval.models.huggingface.HFLM(pretrained=model), "
               "as README.md shows)")
     return 0
+
+
+def base_generation_config(path):
+    """The base model's GenerationConfig (the end ids it declares), None when its folder has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def load_model(plan: dict, quant_bits_flag: str | None):

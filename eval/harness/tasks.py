@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jsonschema
 
+from eval.harness.metrics import METRICS, default_metrics, metric_names
 from lora.core.errors import UserError, did_you_mean
 
 __all__ = [
@@ -40,13 +41,9 @@ __all__ = [
 EVAL_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_TASK_REGISTRY = EVAL_DIR / "tasks.json"
 TASK_SCHEMA_PATH = Path(__file__).resolve().with_name("task_schema.json")
-KINDS = ("classification", "entities", "numeric", "text")
-DEFAULT_METRICS = {
-    "classification": ("accuracy", "weighted_f1", "macro_f1"),
-    "entities": ("entity_f1", "accuracy"),
-    "numeric": ("accuracy",),
-    "text": ("accuracy", "token_f1"),
-}
+# Task kinds and the metrics each reports by default: read from the one table of metrics (eval/harness/metrics.py).
+KINDS = tuple(METRICS)
+DEFAULT_METRICS = {kind: default_metrics(kind) for kind in KINDS}
 DEFAULT_MAX_NEW_TOKENS = {"classification": 16, "entities": 96, "numeric": 32, "text": 64}
 # An ad-hoc task is a classification task when its targets look like a small label set.
 MAX_INFERRED_LABELS = 20
@@ -124,10 +121,8 @@ def _consistency_problems(registry: dict) -> list[str]:
             problems.append(f'tasks.{name}: "entity_types" only applies to entities tasks (kind is "{kind}")')
         if kind != "numeric" and ({"rel_tol", "abs_tol"} & set(spec)):
             problems.append(f'tasks.{name}: "rel_tol"/"abs_tol" only apply to numeric tasks (kind is "{kind}")')
-        allowed_metrics = set(DEFAULT_METRICS[kind]) | ({"entity_precision", "entity_recall"} if kind == "entities"
-                                                        else {"mean_absolute_error"} if kind == "numeric" else set())
         for metric in spec.get("metrics", []):
-            if metric not in allowed_metrics:
+            if metric not in metric_names(kind):
                 problems.append(f'tasks.{name}: metric "{metric}" does not apply to {kind} tasks')
     for suite, members in registry["suites"].items():
         if suite in registry["tasks"]:

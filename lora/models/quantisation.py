@@ -18,6 +18,10 @@ from torch import nn
 from lora.core.compute_dtype import AUTO, choose_dtype
 from lora.core.errors import RecipeError
 
+# Recipe fields -> QuantisationSettings attributes, and which width each configures: declared in the recipes part,
+# whose registry checks a recipe with the same list (4-bit options next to quant_bits 8 are errors).
+from lora.recipes.quantisation_fields import SETTINGS_FIELDS
+
 __all__ = [
     "count_quantised_layers",
     "DTYPES",
@@ -38,19 +42,6 @@ STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
 
 def torch_dtype(name: str):
     return "auto" if name == "auto" else DTYPES[name]
-
-
-
-# Recipe fields (finetune_configs.json, recipe.json) -> QuantisationSettings attributes.
-SETTINGS_FIELDS = {
-    "quant_bits": "bits",
-    "bnb_4bit_quant_type": "quant_type",
-    "bnb_4bit_use_double_quant": "double_quant",
-    "bnb_4bit_compute_dtype": "compute_dtype",
-    "bnb_4bit_quant_storage": "storage",
-    "llm_int8_threshold": "int8_threshold",
-    "dtype": "dtype",
-}
 
 
 @dataclass(frozen=True)

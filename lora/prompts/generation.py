@@ -25,6 +25,7 @@ __all__ = [
     "left_pad",
     "model_device",
     "padding_token_id",
+    "stop_strings",
     "stop_token_ids",
 ]
 
@@ -58,6 +59,18 @@ def stop_token_ids(tokenizer, template: str, generation_config=None) -> list[int
     suffix_ids = tokenizer(answer_suffix(template, tokenizer), add_special_tokens=False)["input_ids"]
     candidates = [tokenizer.eos_token_id, *declared_end_ids(generation_config), *suffix_ids[:1]]
     return list(dict.fromkeys(token for token in candidates if token is not None))
+
+
+def stop_strings(tokenizer, template: str, generation_config=None) -> list[str]:
+    """The tokens of `stop_token_ids` as text, for tools that stop on strings (lm-eval's `until`).
+
+    Each stop token decoded on its own, special tokens kept (lm-eval looks for its stop strings in text decoded that
+    way while it generates), in the same order, without repeats or empty strings (an empty stop string would end
+    every answer at once).
+    """
+    texts = (tokenizer.decode([token], skip_special_tokens=False)
+             for token in stop_token_ids(tokenizer, template, generation_config))
+    return list(dict.fromkeys(text for text in texts if text))
 
 
 def padding_token_id(tokenizer, stop_ids: Sequence[int]) -> int:
