@@ -16,7 +16,7 @@ import pytest
 import lora.recipes.registry as registry_module
 from conftest import REPO_ROOT
 from eval.evaluate import main as evaluate
-from lora.core.errors import DataError, RecipeError
+from lora.core.errors import DataError, RecipeError, UserError
 from lora.core.strict_json import JSONInputError, parse_json
 from lora.finetune import main as finetune
 from lora.prompts.rows import load_rows, max_row_chars
@@ -232,3 +232,17 @@ def test_list_does_work_linear_in_the_number_of_recipes(tmp_path, tiny_model_dir
     for key in ("names_checked", "recipes_copied"):
         # Linear: 4x the recipes, 4x the work (plus the shared base). Quadratic would be about 16x.
         assert counts[200][key] <= 4 * counts[50][key] + 4, (key, counts)
+
+
+def test_an_adapter_config_with_a_repeated_key_or_nan_names_its_line(tmp_path):
+    from lora.adapters.folders import read_adapter_records
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    config = folder / "adapter_config.json"
+    config.write_text('{"peft_type": "LORA",\n "r": 8,\n "lora_alpha": NaN}')
+    with pytest.raises(UserError, match=rf"{config}:3:16 is not valid JSON \(.*\): NaN is not a finite number"):
+        read_adapter_records(folder)
+    config.write_text('{"peft_type": "LORA",\n "r": 8,\n "r": 16}')
+    with pytest.raises(UserError, match=rf'{config}:3:2 is not valid JSON \(.*\): key "r" is given twice'):
+        read_adapter_records(folder)
