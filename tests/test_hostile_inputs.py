@@ -246,3 +246,13 @@ def test_an_adapter_config_with_a_repeated_key_or_nan_names_its_line(tmp_path):
     config.write_text('{"peft_type": "LORA",\n "r": 8,\n "r": 16}')
     with pytest.raises(UserError, match=rf'{config}:3:2 is not valid JSON \(.*\): key "r" is given twice'):
         read_adapter_records(folder)
+
+
+def test_a_float_for_an_integer_in_the_eval_task_registry_is_refused(tmp_path, capsys):
+    tasks = json.loads((REPO_ROOT / "eval/tasks.json").read_text())
+    name = next(iter(tasks["tasks"]))
+    tasks["tasks"][name]["max_new_tokens"] = 100.0
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(tasks, indent=2))
+    assert evaluate(["--list", "--task-registry", str(path)]) == 2
+    assert f"tasks.{name}.max_new_tokens: 100.0 is not of type 'integer'" in capsys.readouterr().err

@@ -12,10 +12,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import jsonschema
-
 from lora.core.errors import UserError, did_you_mean
-from lora.core.strict_json import JSONInputError, parse_json
+from lora.core.strict_json import JSONInputError, parse_json, schema_validator
 
 __all__ = [
     "build_task",
@@ -102,7 +100,7 @@ def read_task_registry(path: Path | str | None = None) -> tuple[Path, dict]:
         where = f"{registry_path}:{error.line}:{error.column}"
         raise TaskError(f"task registry {where}: {error.message}.") from None
     schema = json.loads(TASK_SCHEMA_PATH.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schema_validator(schema)  # integers are integers: max_new_tokens 1e2 is a float, refused
     problems = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '(top level)'}: {error.message}"
         for error in sorted(validator.iter_errors(registry), key=lambda e: list(map(str, e.absolute_path)))

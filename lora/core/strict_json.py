@@ -4,7 +4,8 @@ Python's `json` accepts what JSON (RFC 8259) does not, and each acceptance turne
 from its cause: `NaN`, `Infinity` and numbers too large for a float (`1e999` becomes inf), a key given twice in one
 object (the last silently wins), strings holding half of a UTF-16 surrogate pair (`"\\ud800"`, which no UTF-8 file
 or tokenizer can hold), and documents nested so deeply that the parser's recursion gives out (RecursionError).
-`parse_json` refuses each of them with the line and column where it sits.
+`parse_json` refuses each of them with the line and column where it sits. `schema_validator` checks a parsed
+document against a JSON Schema where, unlike in JSON Schema itself, 100.0 and true are not integers.
 
 The fast path is the C parser with three cheap hooks; only when something is refused does a second, linear scan of
 the text find where it sits.
@@ -17,7 +18,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["JSONInputError", "parse_json"]
+__all__ = ["JSONInputError", "parse_json", "schema_validator"]
 
 # One token of a JSON text (whitespace skipped between tokens); used only to locate a problem the parser found.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null',
@@ -153,3 +154,17 @@ def _has_lone_surrogate(token: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _is_integer(checker, instance) -> bool:
+    # JSON Schema counts 100.0 as an integer; this tool does not: `lora_r: 1e2` or `seed: 1e30` is a float in every
+    # JSON reader and crashed the run (peft, numpy) after passing --dry-run. Booleans are not integers either.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def schema_validator(schema: dict):
+    """A JSON Schema (draft 2020-12) validator for `schema` whose "integer" admits Python ints only."""
+    import jsonschema  # here: the reader above needs only the standard library
+
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer)
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)(schema)

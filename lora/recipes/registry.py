@@ -22,7 +22,7 @@ import jsonschema
 
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
-from lora.core.strict_json import JSONInputError, parse_json
+from lora.core.strict_json import JSONInputError, parse_json, schema_validator
 
 __all__ = [
     "ALIASES",
@@ -74,21 +74,11 @@ def load_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-def _is_integer(checker, instance) -> bool:
-    # JSON Schema counts 100.0 as an integer; this tool does not: `lora_r: 1e2` or `seed: 1e30` is a float in every
-    # JSON reader and crashed the run (peft, numpy) after passing --dry-run. Booleans are not integers either.
-    return isinstance(instance, int) and not isinstance(instance, bool)
-
-
-_TYPE_CHECKER = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer)
-_RecipeValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_TYPE_CHECKER)
-
-
 @functools.lru_cache(maxsize=4)
 def _compiled_schema(stamp: tuple[int, int]) -> tuple[dict, jsonschema.protocols.Validator]:
     """The schema and its validator, built once per version of the schema file (`stamp`: mtime and size)."""
     schema = load_schema()
-    return schema, _RecipeValidator(schema)
+    return schema, schema_validator(schema)
 
 
 def _schema_and_validator() -> tuple[dict, jsonschema.protocols.Validator]:
