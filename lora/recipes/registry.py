@@ -217,11 +217,12 @@ class _RegistryView:
 
     def merged(self, name: str) -> _Merged:
         """The fields of `name` and its ancestors (aliases renamed per layer, the most specific layer winning)."""
-        chain, current = [], name
+        chain, seen, current = [], set(), name
         while current is not None and current not in self._merged:
-            if current in chain or current not in self.raw:
+            if current in seen or current not in self.raw:
                 return self._broken_chain(name)  # a cycle or a missing parent: reported from `name`, not memoised
             chain.append(current)
+            seen.add(current)
             parent = self.raw[current].get("extends")
             current = parent if isinstance(parent, str) else None
         base = self._merged[current] if current is not None else _Merged({}, {}, [], set())
