@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import jsonschema
-
 from eval.harness.metrics import METRICS, default_metrics, metric_names
 from lora.core.errors import UserError, did_you_mean
+from lora.core.strict_json import JSONInputError, parse_json, schema_validator
 
 __all__ = [
     "build_task",
@@ -90,13 +89,15 @@ def read_task_registry(path: Path | str | None = None) -> tuple[Path, dict]:
     registry_path = Path(path).expanduser().resolve() if path else DEFAULT_TASK_REGISTRY
     if not registry_path.is_file():
         raise TaskError(f"task registry {registry_path} does not exist.")
-    try:
-        registry = json.loads(registry_path.read_text())
-    except json.JSONDecodeError as error:
-        where = f"{registry_path}:{error.lineno}:{error.colno}"
-        raise TaskError(f"task registry {where} is not valid JSON: {error.msg}.") from None
+    try:  # the strict rule every user JSON input follows: no NaN, no repeated key, no runaway nesting
+        registry = parse_json(registry_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise TaskError(f"task registry {registry_path}: byte {error.start} is not UTF-8 (save it as UTF-8).") from None
+    except JSONInputError as error:
+        where = f"{registry_path}:{error.line}:{error.column}"
+        raise TaskError(f"task registry {where}: {error.message}.") from None
     schema = json.loads(TASK_SCHEMA_PATH.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schema_validator(schema)  # integers are integers: max_new_tokens 1e2 is a float, refused
     problems = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '(top level)'}: {error.message}"
         for error in sorted(validator.iter_errors(registry), key=lambda e: list(map(str, e.absolute_path)))

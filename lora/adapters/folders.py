@@ -8,13 +8,13 @@ UNQUANTISED base, and that an adapter whose DoRA magnitudes were pre-normalised 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora.core.errors import UserError
+from lora.core.strict_json import JSONInputError, parse_json
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -83,10 +83,11 @@ class AdapterRecords:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"{path}:{error.lineno}:{error.colno} is not valid JSON ({what}): {error.msg}.") from None
+    try:  # the strict rule of every JSON input (lora/core/strict_json.py): no NaN, no repeated key, no runaway nesting
+        data = parse_json(path.read_text())
+    except JSONInputError as error:
+        detail = error.message.removeprefix("not valid JSON: ")
+        raise AdapterError(f"{path}:{error.line}:{error.column} is not valid JSON ({what}): {detail}.") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object ({what}).")
     return data

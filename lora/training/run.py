@@ -99,7 +99,8 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     check_template(recipe["prompt_template"])
     for key in ("dataset_path", "validation_path"):
         if recipe[key]:
-            load_rows(recipe[key])  # fail on a missing file or a bad row before any model loads
+            # A missing file, a bad row or one too long to tokenise: refused before any model loads.
+            load_rows(recipe[key], max_seq_length=recipe["max_seq_length"])
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     refuse_output_over_inputs(output_dir, [*((f"the recipe's {key}", recipe[key]) for key in PATH_FIELDS),
                                            ("the base model folder", source.path)])

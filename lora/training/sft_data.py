@@ -25,10 +25,11 @@ def build_datasets(recipe, tokenizer):
 
     template = recipe["prompt_template"]
     check_template(template, tokenizer)
-    train = Dataset.from_list(load_rows(recipe["dataset_path"])).shuffle(seed=recipe["seed"])
+    limit = recipe["max_seq_length"]  # rows far longer than the context are refused, not tokenised for minutes
+    train = Dataset.from_list(load_rows(recipe["dataset_path"], max_seq_length=limit)).shuffle(seed=recipe["seed"])
     validation = None
     if recipe["validation_path"]:
-        validation = Dataset.from_list(load_rows(recipe["validation_path"]))
+        validation = Dataset.from_list(load_rows(recipe["validation_path"], max_seq_length=limit))
     elif recipe["validation_split"] > 0:
         split = train.train_test_split(test_size=recipe["validation_split"], seed=recipe["seed"])
         train, validation = split["train"], split["test"]
