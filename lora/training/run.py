@@ -71,8 +71,9 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
 
     `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say.
 
-    With `overwrite` over a previous run, the new run is built in a hidden sibling folder and swapped in only once
-    it has finished: a run that fails for any reason leaves the previous one exactly as it was.
+    One run writes `output_dir` at a time (a second exits 2 naming the first). With `overwrite` over a previous
+    run, or `resume` of a finished one, the new run is built in a hidden sibling folder and swapped in only once it
+    has finished: a run that fails for any reason leaves the previous one exactly as it was.
     """
     import torch
     from accelerate import PartialState
@@ -104,9 +105,9 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
     # One run per output folder, held until it has published; a swap a killed run left half done is settled first.
-    with hold_output_dir(output_dir, state) as recovered:
-        if recovered:
-            milestone(recovered)
+    with hold_output_dir(output_dir, state) as settled:
+        for line in settled:
+            milestone(line)
         state.wait_for_everyone()  # the folder is settled before any process reads it
         resume_point = find_resume_point(recipe, resume, output_dir / CHECKPOINT_DIR,
                                          finished=is_finished(output_dir))

@@ -45,6 +45,7 @@ __all__ = [
     "prepare_output_dir",
     "publish_folder",
     "replacement_dir",
+    "settle_output_dir",
     "STAGING_PREFIX",
 ]
 
@@ -94,19 +95,19 @@ def hold_output_dir(output_dir: Path, state) -> Iterator[str | None]:
         state: accelerate's PartialState of this run.
 
     Yields:
-        What was done about an interrupted replacement (a line to print), or None.
+        What was done to settle the folder (lines to print: `settle_output_dir`).
 
     Raises:
         OutputError: another run holds the folder (its process named), or an interrupted replacement cannot be
             resolved without the user.
     """
     with contextlib.ExitStack() as stack:
-        outcome: list = [None, None]  # [why this run cannot go on, what was done about an interrupted swap]
+        outcome: list = [None, []]  # [why this run cannot go on, what was done to settle the folder]
         failure = None
         if state.is_main_process:
             try:
                 stack.enter_context(hold_output_lock(output_dir))
-                outcome[1] = finish_interrupted_replacement(output_dir)
+                outcome[1] = settle_output_dir(output_dir)
             except UserError as error:
                 outcome[0] = str(error)
             except OSError as error:
@@ -123,6 +124,27 @@ def hold_output_dir(output_dir: Path, state) -> Iterator[str | None]:
         if outcome[0]:
             raise OutputError(outcome[0])
         yield outcome[1]
+
+
+def settle_output_dir(output_dir: Path) -> list[str]:
+    """Finish what a killed run left half done beside `output_dir` (main process, holding the output's lock).
+
+    A replacement killed between its renames is completed (or undone when its new build is gone), and a replacement
+    folder no journal names is removed: it was never finished, so it is never published.
+
+    Returns:
+        One line per thing done, to tell the user.
+
+    Raises:
+        OSError: an interrupted replacement cannot be resolved without the user (the message says why).
+    """
+    output_dir = Path(output_dir)
+    done = [line for line in [finish_interrupted_replacement(output_dir)] if line]
+    stale = replacement_dir(output_dir)
+    if stale.is_dir() and not stale.is_symlink() and (is_run_folder(stale) or not any(stale.iterdir())):
+        remove_tree(stale)
+        done.append(f"removed {stale}, the unfinished replacement of a run that was stopped (it was never published)")
+    return done
 
 
 def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
@@ -190,15 +212,12 @@ def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
 def prepare_output_dir(plan: OutputPlan) -> None:
     """Create the folder this run writes in (main process only, holding the output's lock).
 
-    A replacement folder left by a killed run is removed first (it never was swapped in, and never will be: only a
-    journalled, finished build is), as are final files a killed run was staging.
+    A replacement folder a killed run left was removed when the folder was settled (`settle_output_dir`); anything
+    else in its place was not written by this tool and is refused. Final files a killed run was staging are removed.
     """
     if plan.replaces and (plan.work_dir.exists() or plan.work_dir.is_symlink()):
-        if plan.work_dir.is_symlink() or not plan.work_dir.is_dir() or (
-                not is_run_folder(plan.work_dir) and any(plan.work_dir.iterdir())):
-            raise OutputError(f"{plan.work_dir} is in the way of replacing {plan.output_dir} and was not written by "
-                              "this tool; move it away.")
-        remove_tree(plan.work_dir)
+        raise OutputError(f"{plan.work_dir} is in the way of replacing {plan.output_dir} and was not written by this "
+                          "tool; move it away.")
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     for leftover in plan.work_dir.glob(f"{STAGING_PREFIX}*"):
         remove_tree(leftover)
