@@ -162,6 +162,7 @@ def _is_consistent_finished_run(out: Path) -> int:
 
 # --- item 3: an --overwrite killed between the two renames of its swap ---------------------------------------
 
+@pytest.mark.slow
 def test_an_overwrite_killed_between_its_swap_renames_is_completed_by_the_next_run(registry, finished_run, tmp_path,
                                                                                   capsys):
     out = _copy_run(finished_run, tmp_path)
@@ -182,6 +183,7 @@ def test_an_overwrite_killed_between_its_swap_renames_is_completed_by_the_next_r
     assert _siblings(out) == ["killer.py"]
 
 
+@pytest.mark.slow
 def test_a_killed_overwrite_leaves_a_replacement_that_is_removed_and_never_published(registry, finished_run,
                                                                                    tmp_path, capsys):
     out = _copy_run(finished_run, tmp_path)
@@ -240,6 +242,7 @@ def test_train_it_further_with_the_default_logging_steps(registry, tmp_path, cap
     assert not list(out.glob(".staging-*")) and _siblings(out) == []
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_at_checkpoint_4_finishes_and_can_resume_again(registry, tmp_path):
     out = tmp_path / "six"
     _run_killed(tmp_path, _args(registry, "six", out), kill_after_checkpoint=4)
@@ -258,6 +261,7 @@ def test_resume_after_a_kill_at_checkpoint_4_finishes_and_can_resume_again(regis
 
 # --- item 6: an unfinished folder whose checkpoint is already at max_steps ----------------------------------------
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_at_max_steps_finishes_without_training(registry, finished_run, tmp_path, capsys):
     out = tmp_path / "tiny"
     _run_killed(tmp_path, _args(registry, "tiny", out), kill_after_checkpoint=2)
@@ -296,6 +300,7 @@ def _hold_with_a_run(args: list[str], out: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["plain_into_a_new_folder", "overwrite_of_a_finished_run"])
 def test_a_second_run_into_a_held_output_exits_2_naming_the_first(registry, finished_run, tmp_path, capsys, first):
     if first == "plain_into_a_new_folder":

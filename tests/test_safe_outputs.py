@@ -18,8 +18,8 @@ from lora.core.locks import lock_path_for
 from lora.finetune import harness_scoring, main
 from lora.recipes.outputs import default_output_dir
 from lora.recipes.registry import resolve_recipe
-from lora.training.run import run_recipe
 from lora.training.checkpoints import checkpoint_problem
+from lora.training.run import run_recipe
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         abandon_output_dir,
         disk_full_error,
         hold_output_dir,
+        on_main_process,
         plan_output_dir,
         prepare_output_dir,
     )
@@ -120,8 +121,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         for note in resume_point.notes:
             milestone(note)
         state.wait_for_everyone()
-        if state.is_main_process:
-            prepare_output_dir(plan)
+        on_main_process(state, lambda: prepare_output_dir(plan))
         state.wait_for_everyone()
         try:
             return train_and_publish(recipe, source, plan, resume_point, state, scoring)

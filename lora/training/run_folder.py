@@ -22,9 +22,10 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora.core.errors import OutputError, UserError
 from lora.core.files import finish_interrupted_replacement, move_into_place, new_file_mode, remove_tree
@@ -39,6 +40,7 @@ __all__ = [
     "finish_output_dir",
     "hold_output_dir",
     "LOSS_CURVE_FILE",
+    "on_main_process",
     "OutputPlan",
     "plan_output_dir",
     "plot_loss_curve",
@@ -83,7 +85,7 @@ def replacement_dir(output_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def hold_output_dir(output_dir: Path, state) -> Iterator[str | None]:
+def hold_output_dir(output_dir: Path, state) -> Iterator[list[str]]:
     """Hold `output_dir` for one run, from before its folder is looked at until the run has published.
 
     The main process takes the output's lock (lora.core.locks) and then finishes a replacement a killed run left
@@ -102,28 +104,40 @@ def hold_output_dir(output_dir: Path, state) -> Iterator[str | None]:
             resolved without the user.
     """
     with contextlib.ExitStack() as stack:
-        outcome: list = [None, []]  # [why this run cannot go on, what was done to settle the folder]
-        failure = None
-        if state.is_main_process:
-            try:
-                stack.enter_context(hold_output_lock(output_dir))
-                outcome[1] = settle_output_dir(output_dir)
-            except UserError as error:
-                outcome[0] = str(error)
-            except OSError as error:
-                outcome[0] = (f"{error}. Nothing was changed; {output_dir} is left for you to sort out before the "
-                              "next run.")
-            except Exception as error:  # a bug: stop every process, then show its traceback
-                failure, outcome[0] = error, f"the main process failed: {error!r}"
-        if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
 
-            broadcast_object_list(outcome)
-        if failure is not None:
-            raise failure
-        if outcome[0]:
-            raise OutputError(outcome[0])
-        yield outcome[1]
+        def take_and_settle() -> list[str]:
+            stack.enter_context(hold_output_lock(output_dir))
+            try:
+                return settle_output_dir(output_dir)
+            except OSError as error:
+                raise OutputError(f"{error}. Nothing was changed; {output_dir} is left for you to sort out before "
+                                  "the next run.") from None
+
+        yield on_main_process(state, take_and_settle)
+
+
+def on_main_process(state, action: Callable[[], Any]) -> Any:
+    """Run `action` on the main process only and hand its result to every process; when it fails, every process
+    raises (a UserError as the same OutputError on each, a bug re-raised on the main one), so that no process is left
+    waiting at the next collective for one that stopped."""
+    outcome: list = [None, None]  # [result, why it failed]
+    failure = None
+    if state.is_main_process:
+        try:
+            outcome[0] = action()
+        except UserError as error:
+            outcome[1] = str(error)
+        except Exception as error:  # a bug: stop every process, then show its traceback
+            failure, outcome[1] = error, f"the main process failed: {error!r}"
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if outcome[1]:
+        raise OutputError(outcome[1])
+    return outcome[0]
 
 
 def settle_output_dir(output_dir: Path) -> list[str]:
