@@ -27,9 +27,10 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: the project's packages import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.harness.model_plan import QUANT_CHOICES, REPO_ROOT, export_for_lm_eval, load_model, model_plan
+from eval.harness.model_plan import QUANT_CHOICES, REPO_ROOT, export_for_lm_eval, load_model, model_plan, plan_inputs
 from eval.harness.tasks import expand_task_names, load_suites, load_tasks, parse_data_overrides
 from lora.core.errors import UserError, exit_on_user_error
+from lora.core.files import refuse_output_over_inputs
 
 TABLE_METRICS = ("accuracy", "weighted_f1", "macro_f1", "entity_f1", "unparsed")
 
@@ -138,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     base_out = None
     if args.with_base:
         base_out = plan["out"].with_name(plan["out"].name + "_base") if args.out else plan["adapter"] / "eval_base"
+    inputs = [*plan_inputs(plan), *((f'the data file of task "{task.name}"', task.path) for task, _ in prepared)]
     for folder in (plan["out"], base_out):
+        if folder is not None:
+            refuse_output_over_inputs(folder, inputs)  # results are written file by file over what is there
         if folder is not None and folder.exists() and not folder.is_dir():
             raise UserError(f"results folder {folder} is a file; the results are a folder of <task>.json and "
                             "<task>.predictions.jsonl files. Pass --out pointing at a folder (new or existing).")

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow reading .bin/.pt pickle files (they can run code; only tensors are accepted)")
     parser.add_argument("--lora-alpha", type=float, default=None,
                         help="lora_alpha of a torchtune checkpoint that has no adapter_config.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier conversion (a folder holding conversion.json)")
     args = parser.parse_args(argv)
     convert_adapter(args.source_format, args.source, args.out, args.base_model, args.allow_pickle, args.lora_alpha,
                     args.overwrite)

@@ -8,8 +8,10 @@ The base is always loaded without quantisation, also when the adapter was traine
 into a quantised base re-quantises W0 + ΔW and costs 0.01-0.16 in the logits (see shared/STACK.md). Merging happens
 in float32; the merged weights are cast to --dtype only when saved. The tool then checks itself: logits of the
 merged model against the unmerged peft model on a few prompts, both in float32; the largest absolute difference is
-printed and written to merge_record.json in the output. The output is built in a temporary sibling folder and
-renamed at the end, so an interrupted merge never leaves a folder that looks finished.
+printed and written to merge_record.json in the output. The output is built in a hidden sibling folder and
+renamed into place at the end, so an interrupted merge never leaves a folder that looks finished. `--out` may not
+be, contain or lie inside the adapter or the base model; `--overwrite` replaces only an earlier merge (a folder
+holding merge_record.json); one command writes an output at a time (lora.core.files.claim_output_folder).
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from lora.core.errors import exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir", help="a LoRA/DoRA adapter folder (e.g. outputs/<recipe>)")
-    parser.add_argument("--out", required=True, help="folder to write the merged model to (must not exist)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the merged model to (new, or with --overwrite an earlier merge)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                         help="dtype of the saved weights (default: the base model's own)")
     parser.add_argument("--base-model", default=None, help="base model id or folder (default: the adapter's records)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest allowed float32 logit difference, merged vs unmerged (default %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier merge in --out (a folder holding merge_record.json)")
     args = parser.parse_args(argv)
     try:
         merge_adapter(args.adapter_dir, args.out, args.dtype, args.base_model, args.tolerance, args.overwrite)

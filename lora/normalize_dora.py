@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="base model id or folder (default: the one named in the adapter's records)")
     parser.add_argument("--w0", choices=W0_CHOICES, default="unquantised",
                         help="base weights in the norm: as saved, or 4-bit dequantised like training saw")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier normalised export (a folder holding dora_normalisation.json)")
     args = parser.parse_args(argv)
     normalize_dora_adapter(args.in_dir, args.out_dir, args.base_model, args.w0, args.overwrite)
     return 0

@@ -19,10 +19,11 @@ Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name 
 a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
 POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
 GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
-serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken, 400
-malformed JSON, a too-long prompt, an adapter path not under --adapter-root, an adapter that does not fit the base
-or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API key, 413 body too large,
-422 a field of the wrong type, 503 queue full.
+serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken or
+--max-adapters reached, 400 malformed JSON, a string holding a lone UTF-16 surrogate, a too-long prompt, an adapter
+path not under --adapter-root, an adapter that does not fit the base, was trained with the chat template on a base
+whose tokenizer has none, or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API
+key, 413 body too large, 422 a field of the wrong type, 503 queue full.
 
 Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
 and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA
@@ -34,7 +35,8 @@ flag shows in `ps`) every route but /health needs `Authorization: Bearer KEY` (4
 loopback (--host 0.0.0.0) without a key is refused unless --allow-unauthenticated-remote says so. POST /v1/adapters
 loads only folders under --adapter-root (default: outputs/ beside the registry); paths are relative to it, and a
 path outside it reads exactly like a missing one. Bodies over --max-request-bytes (default 1 MiB) get 413 before
-they are parsed; prompts are tokenised off the event loop, so a long one never stalls /health or other clients.
+they are parsed; at most --max-adapters adapters (default 16, --adapter ones included) are loaded at once, a load
+over it gets 409; prompts are tokenised off the event loop, so a long one never stalls /health or other clients.
 Unknown routes (404) and wrong methods (405) answer in the same error format.
 """
 
@@ -60,6 +62,7 @@ from lora.serving.guards import (
     resolve_api_key,
 )
 from lora.serving.host import (
+    DEFAULT_MAX_ADAPTERS,
     BadRequestError,
 )
 
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "registry)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS,
+                        help="the most adapters served at once, --adapter ones included; POST /v1/adapters over it "
+                        f"gets 409 (default {DEFAULT_MAX_ADAPTERS})")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for company")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the most prompts per batched generate")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -126,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--max-request-bytes {args.max_request_bytes} is too small: give at least {MIN_MAX_BODY_BYTES} "
             f"(default {DEFAULT_MAX_BODY_BYTES})."
         )
+    if args.max_adapters < max(len(adapters), 1):
+        raise BadRequestError(
+            f"--max-adapters {args.max_adapters}: give at least {max(len(adapters), 1)} (the number of --adapter "
+            f"folders, and at least 1; default {DEFAULT_MAX_ADAPTERS})."
+        )
     check_port_free(args.host, args.port)
 
     import torch
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     base_name, base_path, origin = resolve_served_base(args.base_model, adapters)
     quantisation = served_quantisation(adapters, args.quant_bits, args.dtype)
-    host = build_host(base_name, base_path=base_path, quantisation=quantisation)
+    host = build_host(base_name, base_path=base_path, quantisation=quantisation, max_adapters=args.max_adapters)
     print(f"serve: base {base_name} ({origin}), context {host.context_length} tokens", flush=True)
     for name, folder in adapters:
         adapter = host.load_adapter(name, folder)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lora.adapters.merge import MERGE_RECORD, merge_adapter
+from lora.core.locks import lock_path_for
 from lora.merge import main as merge_main
 from tiny_model import build_tiny_tokenizer
 
@@ -58,12 +59,13 @@ def test_merged_model_reproduces_unmerged_logits_in_fp32(tiny_model_dir, tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=use_dora, use_rslora=use_dora)
-    record = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    out = tmp_path / "merged"
+    record = merge_adapter(adapter, out, dtype="fp32")
 
     assert record["check"]["max_abs_logit_diff_fp32"] <= 1e-4
-    out = tmp_path / "merged"
     assert {"config.json", "model.safetensors", "tokenizer.json", MERGE_RECORD} <= {p.name for p in out.iterdir()}
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # the temp build folder is gone
+    # the build folder is gone; only the (empty) one-writer lock file stays beside the output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == [lock_path_for(out).name]
     saved = json.loads((out / MERGE_RECORD).read_text())
     assert saved["adapter_type"] == ("DoRA" if use_dora else "LoRA")
     assert saved["check"]["max_abs_logit_diff_fp32"] == record["check"]["max_abs_logit_diff_fp32"]

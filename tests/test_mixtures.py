@@ -89,3 +89,36 @@ def test_a_missing_mixture_file_exits_2_naming_it(tmp_path, capsys):
                                                                           {"path": "gone.jsonl", "weight": 1}]}}))
     assert main(["r", "--registry", str(registry), "--output-dir", str(tmp_path / "out")]) == 2
     assert "gone.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_a_mixture_entry_resolves_beside_the_registry_and_a_symlink_loop_is_named(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"context": "a", "target": "b"}) + "\n")
+    resolved = recipe(tmp_path, datasets=[{"path": "rows.jsonl", "weight": 1}])
+    assert resolved["datasets"][0]["path"] == str(tmp_path / "rows.jsonl")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(RecipeError, match=r'field "datasets\[1\].path": loop is a symlink loop'):
+        recipe(tmp_path, datasets=[{"path": "rows.jsonl", "weight": 1}, {"path": "loop", "weight": 1}])
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "x" * 900}, {"role": "assistant", "content": "y" * 200}]},
+    {"prompt": "x" * 900, "chosen": "positive", "rejected": "y" * 200},
+])
+def test_a_chat_or_preference_row_far_over_max_seq_length_is_refused_with_file_and_line(tmp_path, row):
+    from lora.core.errors import DataError
+    from lora.prompts.data_formats import read_data_file
+    from lora.prompts.rows import max_row_chars
+
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    if "prompt" in row:
+        short = {"prompt": "hi", "chosen": "yes", "rejected": "no"}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(short) + "\n" + json.dumps(row) + "\n")
+    assert len(read_data_file(data, max_seq_length=10_000).rows) == 2
+    assert len(read_data_file(data).rows) == 2  # scoring reads without the training bound
+    with pytest.raises(DataError, match=rf"rows.jsonl:2: the row holds 1\d\d\d characters, over the "
+                                        rf"{max_row_chars(16)} allowed for max_seq_length 16"):
+        read_data_file(data, max_seq_length=16)
+    mixture = recipe(tmp_path, datasets=[{"path": str(data), "weight": 1}], max_seq_length=16)
+    with pytest.raises(DataError, match=r"rows.jsonl:2: the row holds"):
+        training_rows(mixture)

@@ -17,9 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 from lora.finetune import harness_scoring, main
 from lora.recipes.registry import resolve_recipe
-from lora.training.run import run_recipe
-from lora.training.run_folder import (
-    CHECKPOINT_DIR,
+from lora.training.checkpoints import (
     CHECKPOINT_STAGING_DIR,
     TRAINER_STATE_FILE,
     checkpoint_step,
@@ -27,6 +25,8 @@ from lora.training.run_folder import (
     latest_complete_checkpoint,
     publish_checkpoint,
 )
+from lora.training.run import run_recipe
+from lora.training.run_folder import CHECKPOINT_DIR
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
+from lora.core.locks import lock_path_for
 from lora.finetune import harness_scoring, main
 from lora.recipes.outputs import default_output_dir
 from lora.recipes.registry import resolve_recipe
+from lora.training.checkpoints import checkpoint_problem
 from lora.training.run import run_recipe
-from lora.training.run_folder import checkpoint_problem
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def _snapshot(folder) -> dict[str, bytes]:
 
 
 def _siblings(out) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p != out)
+    lock = lock_path_for(out)  # the one-writer lock stays beside the output (deleting a lock file is not safe)
+    return sorted(p.name for p in out.parent.iterdir() if p not in (out, lock))
 
 
 def _break_weights(copy):

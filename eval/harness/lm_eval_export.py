@@ -9,7 +9,7 @@ rendered (chat template applied) so lm-eval needs no template of its own:
 - classification: `multiple_choice` over the task's labels, `target_delimiter: ""`. lm-eval moves the prompt's
   trailing whitespace into the label before tokenising, which is our encoding rule
   (lora.prompts.templates.encode_text_pair),
-  so it scores exactly the ids we train on and score. Metrics: accuracy, weighted F1, macro F1.
+  so it scores exactly the ids we train on and score.
 - entities, numeric, text: `generate_until`, greedy, the prompt written as the rule's generation prompt (trailing
   whitespace left out), stopped where our generation stops (`until`: the text of each token of
   lora.prompts.generation.stop_token_ids: EOS, the end ids the model declares, the template's end of answer);
@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from eval.harness import metrics
 from eval.harness.tasks import Task
-from lora.core.errors import UserError
+from lora.core.files import claim_output_folder
 from lora.prompts import parsing
 from lora.prompts.generation import stop_strings
 from lora.prompts.templates import prompt_text, split_at_boundary
@@ -36,9 +36,9 @@ from lora.prompts.templates import prompt_text, split_at_boundary
 __all__ = [
     "COPIED_MODULES",
     "export_tasks",
-    "GENERATION_METRICS",
     "lm_eval_task_name",
     "MARKER",
+    "metric_list",
     "METRICS_MODULE",
     "task_documents",
     "TASK_PREFIX",
@@ -53,12 +53,6 @@ COPIED_MODULES = {
     "lm_eval_metrics.py": Path(__file__).with_name("lm_eval_metrics.py"),
     "parsing.py": Path(parsing.__file__),
     "metrics.py": Path(metrics.__file__),
-}
-GENERATION_METRICS = {
-    "entities": {"entity_f1": "aggregate_entity_f1", "accuracy": "aggregate_entity_accuracy",
-                 "entity_precision": "aggregate_entity_precision", "entity_recall": "aggregate_entity_recall"},
-    "numeric": {"accuracy": "mean"},
-    "text": {"accuracy": "mean", "token_f1": "mean"},
 }
 
 
@@ -86,9 +80,14 @@ def task_documents(task: Task, rows: list[dict], targets: list, template: str, t
     return documents
 
 
-def _metric_lines(metric: str, aggregation: str) -> list[str]:
-    written = aggregation if aggregation == "mean" else f"!function {METRICS_MODULE}.{aggregation}"
-    return [f"  - metric: {metric}", f"    aggregation: {written}", "    higher_is_better: true"]
+def metric_list(kind: str) -> list[str]:
+    """The YAML `metric_list` of a `kind` task: every metric the one table (eval/harness/metrics.py) exports."""
+    lines = ["metric_list:"]
+    for metric in metrics.METRICS[kind]:
+        if metric.lm_eval:
+            written = "mean" if metric.lm_eval == "mean" else f"!function {METRICS_MODULE}.aggregate_corpus"
+            lines += [f"  - metric: {metric.name}", f"    aggregation: {written}", "    higher_is_better: true"]
+    return lines
 
 
 def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer, generation_config=None) -> str:
@@ -106,23 +105,19 @@ def task_yaml(name: str, task: Task, data_file: Path, template: str, tokenizer, 
         "doc_to_target: target",
     ]
     if task.kind == "classification":
-        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""',
-                  f"process_results: !function {METRICS_MODULE}.process_classification", "metric_list:",
-                  *_metric_lines("accuracy", "mean"), *_metric_lines("weighted_f1", "aggregate_weighted_f1"),
-                  *_metric_lines("macro_f1", "aggregate_macro_f1")]
+        lines += ["output_type: multiple_choice", "doc_to_choice: choices", 'target_delimiter: ""']
     else:
         until = ", ".join(json.dumps(text) for text in stop_strings(tokenizer, template, generation_config))
         lines += ["output_type: generate_until", 'target_delimiter: ""', "generation_kwargs:",
-                  f"  until: [{until}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false",
-                  f"process_results: !function {METRICS_MODULE}.process_{task.kind}", "metric_list:"]
-        for metric, aggregation in GENERATION_METRICS[task.kind].items():
-            lines += _metric_lines(metric, aggregation)
-    lines += ["metadata:", "  version: 1.0"]
+                  f"  until: [{until}]", f"  max_gen_toks: {task.max_new_tokens}", "  do_sample: false"]
+    lines += [f"process_results: !function {METRICS_MODULE}.process_{task.kind}", *metric_list(task.kind),
+              "metadata:", "  version: 1.0"]
     return "\n".join(lines) + "\n"
 
 
 def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *, template: str, tokenizer,
-                 source: dict | None = None, generation_config=None) -> list[str]:
+                 source: dict | None = None, inputs: Iterable[tuple[str, Path | str | None]] = (),
+                 generation_config=None) -> list[str]:
     """Write the task folder `out_dir` (replaced whole once complete) and return the exported task names.
 
     Args:
@@ -131,18 +126,20 @@ def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *
         generation_config: the base model's `GenerationConfig` (None: only the tokenizer's and the template's ends
             stop a generated answer).
         source: what the prompts were rendered for (adapter, base model), recorded in the folder's marker file.
+        inputs: what else the export reads (the adapter's files, the tokenizer's folder), as (what, path) pairs;
+            the tasks' data files are added here. The export may not be, contain nor lie inside any of them.
 
     Raises:
-        UserError: `out_dir` exists and is not an earlier export (it is never overwritten then).
+        OutputError: `out_dir` is (inside) an input, a file, a folder that is not an earlier export (it is never
+            replaced then), or being written by another command (lora.core.files.claim_output_folder).
     """
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"--export-lm-eval {out_dir}: exists and is not an lm-eval export written by this tool "
-                        f"(no {MARKER}); name a new or empty folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    names = []
-    try:
+    inputs = [*inputs, *((f'the data file of task "{task.name}"', task.path) for task, _, _ in prepared)]
+    # An earlier export is replaced without a flag (the folder is ours and regenerated whole); nothing else is.
+    with claim_output_folder(out_dir, overwrite=True, record=MARKER, made_by="eval/evaluate.py --export-lm-eval",
+                             kind="an lm-eval export", inputs=inputs, flag="--export-lm-eval") as claim:
+        out_dir = claim.out
+        staging = claim.new_build()
+        names = []
         for task, rows, targets in prepared:
             name = lm_eval_task_name(task.name)
             data_file = staging / f"{name}.jsonl"
@@ -156,14 +153,5 @@ def export_tasks(prepared: list[tuple[Task, list[dict], list]], out_dir: Path, *
             shutil.copyfile(source_file, staging / name)
         marker = {"tasks": names, "prompt_template": template, **(source or {})}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            previous = out_dir.with_name(out_dir.name + ".previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            out_dir.rename(previous)
-            staging.rename(out_dir)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        claim.publish()
     return names

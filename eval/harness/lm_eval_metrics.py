@@ -5,23 +5,22 @@ eval/harness/metrics.py, which it loads by path (lm-eval imports a task's functi
 package
 around them), so an exported folder scores with exactly the harness's rules and needs nothing from this repository.
 
-lm-eval calls `process_*` once per document; each returns one item per metric, and the `aggregate_*` functions
-turn a task's list of items into the harness's figure. lm-eval's own `f1` is binary: weighted and macro F1 over the
-task's labels are aggregated here, with eval/harness/metrics.py.
+lm-eval calls `process_<kind>` once per document: it reads the document's answer as the harness does and returns
+one value per metric the export reports (eval/harness/metrics.py's METRICS, the one table of metric names): a
+"mean" metric's one-document score, or, for a "corpus" metric, the document's item that `aggregate_corpus` scores
+over the whole task (lm-eval's own `f1` is binary: weighted and macro F1 over the task's labels are aggregated here,
+with eval/harness/metrics.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 __all__ = [
-    "aggregate_entity_accuracy",
-    "aggregate_entity_f1",
-    "aggregate_entity_precision",
-    "aggregate_entity_recall",
-    "aggregate_macro_f1",
-    "aggregate_weighted_f1",
+    "aggregate_corpus",
+    "document_results",
     "metrics",
     "parsing",
     "process_classification",
@@ -35,6 +34,7 @@ def _sibling(name: str):
     path = Path(__file__).with_name(f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"lora_recipes_export_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before it runs: its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -43,63 +43,46 @@ parsing = _sibling("parsing")
 metrics = _sibling("metrics")
 
 
+def document_results(kind: str, target, prediction, **options) -> dict:
+    """What `process_results` returns for one document of a `kind` task: for every metric the table exports, its
+    one-document score ("mean") or the item `aggregate_corpus` scores ("corpus").
+
+    `options` are the kind's scoring settings (labels, rel_tol, abs_tol), as metrics.task_scores takes them.
+    """
+    one = metrics.task_scores(kind, [target], [prediction], **options)
+    item = {"kind": kind, "target": target, "prediction": prediction, "options": options}
+    return {metric.name: float(one[metric.name]) if metric.lm_eval == "mean" else {**item, "metric": metric.name}
+            for metric in metrics.METRICS[kind] if metric.lm_eval}
+
+
+def aggregate_corpus(items: list) -> float:
+    """A "corpus" metric over a task's documents, computed once over all of them as the harness does."""
+    first = items[0]
+    scores = metrics.task_scores(first["kind"], [item["target"] for item in items],
+                                 [item["prediction"] for item in items], **first["options"])
+    return scores[first["metric"]]
+
+
 def process_classification(doc: dict, results: list) -> dict:
     """multiple_choice: the label with the highest summed log-likelihood (the first of equal ones, as the harness)."""
     log_likelihoods = [result[0] for result in results]
     predicted = max(range(len(log_likelihoods)), key=log_likelihoods.__getitem__)
     choices = doc["choices"]
-    item = (choices[doc["gold"]], choices[predicted], tuple(choices))
-    return {"accuracy": float(predicted == doc["gold"]), "weighted_f1": item, "macro_f1": item}
-
-
-def _classification(items: list, key: str) -> float:
-    targets, predictions, labels = zip(*items, strict=True)
-    return metrics.classification_scores(list(targets), list(predictions), labels[0])[key]
-
-
-def aggregate_weighted_f1(items: list) -> float:
-    return _classification(items, "weighted_f1")
-
-
-def aggregate_macro_f1(items: list) -> float:
-    return _classification(items, "macro_f1")
+    return document_results("classification", choices[doc["gold"]], choices[predicted], labels=tuple(choices))
 
 
 def process_entities(doc: dict, results: list) -> dict:
-    """generate_until, entity lists: parsed as the harness parses them, scored over the whole task."""
+    """generate_until, entity lists: parsed as the harness parses them."""
     predicted = parsing.parse_entities(parsing.answer_text(results[0]), doc["entity_types"])
-    item = ([tuple(entity) for entity in doc["expected"]], predicted)
-    return {name: item for name in ("entity_f1", "accuracy", "entity_precision", "entity_recall")}
-
-
-def _entities(items: list, key: str) -> float:
-    targets, predictions = zip(*items, strict=True)
-    return metrics.entity_scores(targets, predictions)[key]
-
-
-def aggregate_entity_f1(items: list) -> float:
-    return _entities(items, "entity_f1")
-
-
-def aggregate_entity_accuracy(items: list) -> float:
-    return _entities(items, "accuracy")
-
-
-def aggregate_entity_precision(items: list) -> float:
-    return _entities(items, "entity_precision")
-
-
-def aggregate_entity_recall(items: list) -> float:
-    return _entities(items, "entity_recall")
+    return document_results("entities", [tuple(entity) for entity in doc["expected"]], predicted)
 
 
 def process_numeric(doc: dict, results: list) -> dict:
     """generate_until, numbers: the first number of the answer, right within the task's tolerances."""
     predicted = parsing.parse_number(parsing.answer_text(results[0]))
-    return {"accuracy": float(metrics.numbers_match(doc["expected"], predicted, doc["rel_tol"], doc["abs_tol"]))}
+    return document_results("numeric", doc["expected"], predicted, rel_tol=doc["rel_tol"], abs_tol=doc["abs_tol"])
 
 
 def process_text(doc: dict, results: list) -> dict:
     """generate_until, free text: normalised exact match and token F1."""
-    predicted = parsing.normalise_text(parsing.answer_text(results[0]))
-    return {"accuracy": float(doc["expected"] == predicted), "token_f1": metrics.token_f1(doc["expected"], predicted)}
+    return document_results("text", doc["expected"], parsing.normalise_text(parsing.answer_text(results[0])))

@@ -3,24 +3,76 @@ recomputed from its predictions file. tests/test_eval_metrics.py checks them aga
 
 A prediction of None (generate mode could not find an answer) or outside the label set is simply wrong: it never
 counts as a class of its own, the way scikit-learn scores with `labels=` restricted to the task's labels.
+
+METRICS is the one table of metric names, per task kind: the task registry (eval/harness/tasks.py, and the schema
+eval/harness/task_schema.json, which tests/test_metric_table.py keeps equal to it), the lm-eval export
+(eval/harness/lm_eval_export.py) and its scoring functions (eval/harness/lm_eval_metrics.py) all read it. A new
+metric is one line there and its figure in the kind's score function below.
+
+This module imports nothing from the project: an lm-eval export carries a copy of it and loads it by path.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "accuracy",
     "classification_scores",
+    "default_metrics",
     "entity_scores",
+    "Metric",
+    "metric_names",
+    "METRICS",
     "numbers_match",
     "numeric_scores",
     "per_label_f1",
     "scored_labels",
+    "task_scores",
     "text_scores",
     "token_f1",
 ]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a task kind reports.
+
+    Attributes:
+        name: its key in the kind's scores (and in eval JSONs, run records, lm-eval results).
+        default: reported when a task's `metrics` names none (in table order: the first is the headline).
+        lm_eval: how an lm-eval export aggregates it over documents: "mean" of its one-document value (a mean over
+            documents, such as accuracy; lm-eval adds its standard error), "corpus" (computed once over every
+            document, as the harness does: F1 over entities or labels), or None (not exported).
+    """
+
+    name: str
+    default: bool = True
+    lm_eval: str | None = "mean"
+
+
+METRICS: dict[str, tuple[Metric, ...]] = {
+    "classification": (Metric("accuracy"), Metric("weighted_f1", lm_eval="corpus"),
+                       Metric("macro_f1", lm_eval="corpus")),
+    "entities": (Metric("entity_f1", lm_eval="corpus"), Metric("accuracy"),
+                 Metric("entity_precision", default=False, lm_eval="corpus"),
+                 Metric("entity_recall", default=False, lm_eval="corpus")),
+    # The mean absolute error is over the answers where a number was found: no lm-eval aggregation says that.
+    "numeric": (Metric("accuracy"), Metric("mean_absolute_error", default=False, lm_eval=None)),
+    "text": (Metric("accuracy"), Metric("token_f1")),
+}
+
+
+def metric_names(kind: str) -> tuple[str, ...]:
+    """Every metric a task of `kind` may report, in table order."""
+    return tuple(metric.name for metric in METRICS[kind])
+
+
+def default_metrics(kind: str) -> tuple[str, ...]:
+    """The metrics a task of `kind` reports when it names none; the first is its headline."""
+    return tuple(metric.name for metric in METRICS[kind] if metric.default)
 
 
 def accuracy(targets: Sequence, predictions: Sequence) -> float:
@@ -136,3 +188,23 @@ def text_scores(targets: Sequence[str], predictions: Sequence[str | None]) -> di
         "accuracy": accuracy(targets, predictions),
         "token_f1": sum(overlaps) / len(overlaps) if overlaps else 0.0,
     }
+
+
+def task_scores(kind: str, targets: Sequence, predictions: Sequence, *, labels: Sequence[str] = (),
+                rel_tol: float = 0.01, abs_tol: float = 1e-6) -> dict:
+    """The scores of a task of `kind` (every metric METRICS lists for it, and the kind's extra details).
+
+    Args:
+        kind: "classification", "entities", "numeric" or "text".
+        targets, predictions: one per example, as the kind's score function takes them.
+        labels: classification: the task's label set. rel_tol, abs_tol: numeric: the tolerances.
+    """
+    if kind == "classification":
+        return classification_scores(targets, predictions, labels)
+    if kind == "entities":
+        return entity_scores(targets, predictions)
+    if kind == "numeric":
+        return numeric_scores(targets, predictions, rel_tol, abs_tol)
+    if kind == "text":
+        return text_scores(targets, predictions)
+    raise ValueError(f"unknown task kind {kind!r} (known: {', '.join(METRICS)})")

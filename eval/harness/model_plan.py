@@ -12,8 +12,8 @@ from pathlib import Path
 from eval.harness.tasks import parse_data_overrides
 from lora.core.errors import ModelSourceError, UserError
 
-__all__ = ["base_generation_config", "export_for_lm_eval", "load_model", "model_plan", "plan_quantisation",
-           "QUANT_CHOICES", "REPO_ROOT", "slug"]
+__all__ = ["base_generation_config", "export_for_lm_eval", "load_model", "model_plan", "plan_inputs",
+           "plan_quantisation", "QUANT_CHOICES", "REPO_ROOT", "slug"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUANT_CHOICES = {"4": 4, "8": 8, "none": None, "16": None, "32": None}
@@ -73,6 +73,16 @@ def model_plan(args: argparse.Namespace) -> dict:
             "out": Path(args.out) if args.out else REPO_ROOT / "outputs" / name / "eval"}
 
 
+def plan_inputs(plan: dict) -> list[tuple[str, Path | str]]:
+    """What scoring a plan reads besides the tasks' data: the adapter's own files (not its subfolders: results go
+    to <adapter>/eval by default) and the base model's folder (a hub id names no local path and is skipped)."""
+    inputs: list[tuple[str, Path | str]] = []
+    if plan["adapter"] is not None:
+        inputs += [("the adapter's file", path) for path in sorted(Path(plan["adapter"]).iterdir()) if path.is_file()]
+    inputs.append(("the base model folder", plan["path"]))
+    return inputs
+
+
 def plan_quantisation(plan: dict, quant_bits_flag: str | None):
     """The base's QuantisationSettings: as the adapter (or the recipe) records them, at --quant-bits' width when
     given."""
@@ -99,7 +109,7 @@ def export_for_lm_eval(plan: dict, task_names: list[str], args, template: str, l
     tokenizer = load_tokenizer(tokenizer_folder(plan["adapter"], plan["path"]))
     source = {"model": plan["model"], "adapter": str(plan["adapter"]) if plan["adapter"] else None, "limit": limit}
     names = export_tasks([(task, rows, task_targets(task, rows)) for task, rows in prepared], Path(args.export_lm_eval),
-                         template=template, tokenizer=tokenizer, source=source,
+                         template=template, tokenizer=tokenizer, source=source, inputs=plan_inputs(plan),
                          generation_config=base_generation_config(plan["path"]))
     model_args = f"pretrained={plan['path']}"
     if plan["adapter"]:

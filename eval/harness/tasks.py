@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import jsonschema
-
+from eval.harness.metrics import METRICS, default_metrics, metric_names
 from lora.core.errors import UserError, did_you_mean
+from lora.core.strict_json import JSONInputError, parse_json, schema_validator
 
 __all__ = [
     "build_task",
@@ -40,13 +40,9 @@ __all__ = [
 EVAL_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_TASK_REGISTRY = EVAL_DIR / "tasks.json"
 TASK_SCHEMA_PATH = Path(__file__).resolve().with_name("task_schema.json")
-KINDS = ("classification", "entities", "numeric", "text")
-DEFAULT_METRICS = {
-    "classification": ("accuracy", "weighted_f1", "macro_f1"),
-    "entities": ("entity_f1", "accuracy"),
-    "numeric": ("accuracy",),
-    "text": ("accuracy", "token_f1"),
-}
+# Task kinds and the metrics each reports by default: read from the one table of metrics (eval/harness/metrics.py).
+KINDS = tuple(METRICS)
+DEFAULT_METRICS = {kind: default_metrics(kind) for kind in KINDS}
 DEFAULT_MAX_NEW_TOKENS = {"classification": 16, "entities": 96, "numeric": 32, "text": 64}
 # An ad-hoc task is a classification task when its targets look like a small label set.
 MAX_INFERRED_LABELS = 20
@@ -93,13 +89,15 @@ def read_task_registry(path: Path | str | None = None) -> tuple[Path, dict]:
     registry_path = Path(path).expanduser().resolve() if path else DEFAULT_TASK_REGISTRY
     if not registry_path.is_file():
         raise TaskError(f"task registry {registry_path} does not exist.")
-    try:
-        registry = json.loads(registry_path.read_text())
-    except json.JSONDecodeError as error:
-        where = f"{registry_path}:{error.lineno}:{error.colno}"
-        raise TaskError(f"task registry {where} is not valid JSON: {error.msg}.") from None
+    try:  # the strict rule every user JSON input follows: no NaN, no repeated key, no runaway nesting
+        registry = parse_json(registry_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise TaskError(f"task registry {registry_path}: byte {error.start} is not UTF-8 (save it as UTF-8).") from None
+    except JSONInputError as error:
+        where = f"{registry_path}:{error.line}:{error.column}"
+        raise TaskError(f"task registry {where}: {error.message}.") from None
     schema = json.loads(TASK_SCHEMA_PATH.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schema_validator(schema)  # integers are integers: max_new_tokens 1e2 is a float, refused
     problems = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '(top level)'}: {error.message}"
         for error in sorted(validator.iter_errors(registry), key=lambda e: list(map(str, e.absolute_path)))
@@ -124,10 +122,8 @@ def _consistency_problems(registry: dict) -> list[str]:
             problems.append(f'tasks.{name}: "entity_types" only applies to entities tasks (kind is "{kind}")')
         if kind != "numeric" and ({"rel_tol", "abs_tol"} & set(spec)):
             problems.append(f'tasks.{name}: "rel_tol"/"abs_tol" only apply to numeric tasks (kind is "{kind}")')
-        allowed_metrics = set(DEFAULT_METRICS[kind]) | ({"entity_precision", "entity_recall"} if kind == "entities"
-                                                        else {"mean_absolute_error"} if kind == "numeric" else set())
         for metric in spec.get("metrics", []):
-            if metric not in allowed_metrics:
+            if metric not in metric_names(kind):
                 problems.append(f'tasks.{name}: metric "{metric}" does not apply to {kind} tasks')
     for suite, members in registry["suites"].items():
         if suite in registry["tasks"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -17,12 +16,11 @@ import torch
 from lora.adapters.folders import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    TOKENIZER_FILE_NAMES,
     AdapterError,
-    check_output_folder,
     copy_tokenizer_files,
-    start_output_folder,
 )
-from lora.core.files import move_into_place
+from lora.core.files import claim_output_folder, refuse_output_over_inputs
 
 __all__ = [
     "check_complete_modules",
@@ -350,17 +348,30 @@ def convert_adapter(
     Returns:
         The conversion record (also written to `out/conversion.json`).
     """
+    if source_format not in SOURCES:
+        raise AdapterError(f'--from must be one of {", ".join(SOURCES)}, not "{source_format}".')
+    source = Path(source).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
+    if not source.exists():
+        raise AdapterError(f"{source} does not exist (expected a {source_format} checkpoint folder or weights file).")
+    folder = source if source.is_dir() else source.parent
+    inputs = [("the checkpoint", source)]  # the base model is checked once resolved, before anything is written
+    if not source.is_dir():  # a checkpoint file: its config and tokenizer files are read beside it
+        inputs += [("the checkpoint's file", folder / name) for name in (ADAPTER_CONFIG, *TOKENIZER_FILE_NAMES)]
+    # Held from here to the end: one writer per output.
+    with claim_output_folder(out, overwrite=overwrite, record=CONVERSION_RECORD, made_by="lora/convert_adapter.py",
+                             kind="a converted adapter", inputs=inputs, flag="-o/--out") as claim:
+        return _convert_into(claim, source_format, source, folder, base_model, allow_pickle, lora_alpha)
+
+
+def _convert_into(claim, source_format: str, source: Path, folder: Path, base_model: str | None, allow_pickle: bool,
+                  lora_alpha: float | None) -> dict:
+    """Read and convert the checkpoint, write the peft folder into `claim`'s build folder and publish it."""
     from peft import LoraConfig
 
     from lora.models.source import resolve_model_source
 
-    if source_format not in SOURCES:
-        raise AdapterError(f'--from must be one of {", ".join(SOURCES)}, not "{source_format}".')
-    source = Path(source).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
-    folder = source if source.is_dir() else source.parent
-    inputs = (folder,) if source.is_dir() else ()  # a single input file may sit beside the output folder
-    check_output_folder(out, overwrite, inputs=inputs)
+    out = claim.out
     started = time.monotonic()
     config_path = folder / ADAPTER_CONFIG
     config = read_json_if_present(config_path)
@@ -385,6 +396,7 @@ def convert_adapter(
             load_tensors(weights_file, allow_pickle), config, AutoConfig.from_pretrained(base_path), lora_alpha
         )
     if base_path:
+        refuse_output_over_inputs(out, [("the base model folder", base_path)])
         check_fits_base(peft_tensors, base_path)
 
     lora_config = LoraConfig(base_model_name_or_path=base_name, **lora_kwargs)
@@ -401,16 +413,13 @@ def convert_adapter(
     }
     from safetensors.torch import save_file
 
-    build = start_output_folder(out, overwrite, inputs=inputs)
-    try:
-        lora_config.save_pretrained(str(build))
-        save_file(peft_tensors, str(build / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        copy_tokenizer_files(folder, build)
-        record["seconds"] = round(time.monotonic() - started, 1)
-        (build / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        move_into_place(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+    build = claim.new_build()
+    lora_config.save_pretrained(str(build))
+    save_file(peft_tensors, str(build / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    copy_tokenizer_files(folder, build)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    (build / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    claim.publish()
     kind = "DoRA" if lora_config.use_dora else "LoRA"
     print(f"convert: {source_format} {kind} checkpoint {weights_file} -> peft adapter {out} "
           f"({record['modules']} modules, r={lora_config.r}, alpha={lora_config.lora_alpha})", flush=True)

@@ -8,22 +8,21 @@ UNQUANTISED base, and that an adapter whose DoRA magnitudes were pre-normalised 
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora.core.errors import OutputError, UserError
+from lora.core.errors import UserError
+from lora.core.strict_json import JSONInputError, parse_json
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdapterError",
     "AdapterRecords",
-    "check_output_folder",
     "copy_tokenizer_files",
+    "local_base_model_folder",
     "NORMALISED_CONFIG_KEY",
     "NORMALISED_RECORD",
     "read_adapter_records",
@@ -31,7 +30,7 @@ __all__ = [
     "RECIPE_RECORD",
     "refuse_if_normalised",
     "resolve_base_model_path",
-    "start_output_folder",
+    "TOKENIZER_FILE_NAMES",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +40,9 @@ RECIPE_RECORD = "recipe.json"
 # sidecar record (says how the magnitudes were computed). Either one is enough for our loaders to refuse.
 NORMALISED_CONFIG_KEY = "dora_magnitudes_normalised"
 NORMALISED_RECORD = "dora_normalisation.json"
+# The tokenizer files an adapter folder may carry (the runner saves them beside the adapter).
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 class AdapterError(UserError):
@@ -81,10 +83,11 @@ class AdapterRecords:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"{path}:{error.lineno}:{error.colno} is not valid JSON ({what}): {error.msg}.") from None
+    try:  # the strict rule of every JSON input (lora/core/strict_json.py): no NaN, no repeated key, no runaway nesting
+        data = parse_json(path.read_text())
+    except JSONInputError as error:
+        detail = error.message.removeprefix("not valid JSON: ")
+        raise AdapterError(f"{path}:{error.line}:{error.column} is not valid JSON ({what}): {detail}.") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object ({what}).")
     return data
@@ -179,6 +182,20 @@ def resolve_base_model_path(adapter_dir: str | Path, override: str | None = None
     return source.path, source.origin
 
 
+def local_base_model_folder(adapter_dir: str | Path, override: str | None = None) -> Path | None:
+    """The local folder an adapter's base model is named by (`override` first, as `resolve_base_model_path` reads
+    them), or None when it is named by a hub id; reads no network, so commands can check their outputs against it
+    before any model loads."""
+    records = read_adapter_records(adapter_dir)
+    name = override or records.base_model
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not override:
+        path = _relative_base_folder(records) / path
+    return path.absolute() if path.is_dir() else None
+
+
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, Any]:
     """The adapter's tensors (adapter_model.safetensors) as a dict of CPU tensors.
 
@@ -196,39 +213,8 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, Any]:
     return load_file(str(path), device="cpu")
 
 
-def check_output_folder(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Fail early (before any slow model load) when `out` cannot be written.
-
-    Args:
-        out: the final output folder (absolute).
-        overwrite: allow replacing an existing `out` (done only at the end, by `move_into_place`).
-        inputs: folders the tool reads; `out` may not be one of them nor lie inside one.
-
-    Raises:
-        OutputError: `out` exists and overwrite was not asked for, or `out` is (inside) an input folder.
-    """
-    for folder in inputs:
-        if out == folder or folder in out.parents:
-            raise OutputError(f"the output folder {out} is (inside) the input folder {folder}; choose another one.")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists. Choose another output folder, or pass --overwrite to replace it.")
-
-
-def start_output_folder(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """A fresh temporary sibling of `out` to build in, so that an interrupted run never leaves a finished-looking `out`.
-
-    Raises:
-        OutputError: see `check_output_folder`.
-    """
-    check_output_folder(out, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
 def copy_tokenizer_files(source: Path, destination: Path) -> None:
     """Copy the tokenizer files an adapter folder carries (the runner saves them next to the adapter)."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-             "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
-    for name in names:
+    for name in TOKENIZER_FILE_NAMES:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)

@@ -5,17 +5,16 @@ adapter before anything is written, and a merge record. `python lora/merge.py` i
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
-from lora.adapters.folders import check_output_folder, read_adapter_records, refuse_if_normalised, start_output_folder
+from lora.adapters.folders import local_base_model_folder, read_adapter_records, refuse_if_normalised
 from lora.adapters.inference import load_base_for_adapter
 from lora.core.errors import UserError
-from lora.core.files import move_into_place
+from lora.core.files import claim_output_folder, refuse_output_over_inputs
 from lora.models.quantisation import QuantisationSettings
 
 __all__ = [
@@ -123,22 +122,37 @@ def merge_adapter(
     Raises:
         UserError: the adapter is missing, normalised, or its base cannot be found or is pre-quantised.
         MergeCheckFailed: the self-check exceeded `tolerance` (nothing is written to `out`).
+        OutputError: `out` is (inside) an input, a file, a folder merge.py did not write, or being written by
+            another command (`lora.core.files.claim_output_folder`).
     """
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     records = read_adapter_records(adapter_dir)
     refuse_if_normalised(adapter_dir)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UserError(f'--dtype must be one of {", ".join(DTYPE_NAMES)}, not "{dtype}".')
-    check_output_folder(out, overwrite, inputs=(adapter_dir,))
+    inputs = (("the adapter folder", adapter_dir),
+              ("the base model folder", local_base_model_folder(adapter_dir, base_model)))
+    # Held from here to the end: one writer per output, and `out` checked before minutes of model loading.
+    with claim_output_folder(out, overwrite=overwrite, record=MERGE_RECORD, made_by="lora/merge.py",
+                             kind="a merged model", inputs=inputs) as claim:
+        record = _merge_into(claim, adapter_dir, records, dtype, base_model, tolerance)
+    print(f"merge: saved {record['saved_dtype']} model + tokenizer to {out} ({record['seconds']} s)", flush=True)
+    return record
 
+
+def _merge_into(claim, adapter_dir: Path, records, dtype: str | None, base_model: str | None,
+                tolerance: float) -> dict:
+    """Load, merge, self-check and write into `claim`'s build folder, then publish it; returns the merge record."""
+    from peft import PeftModel
+
+    out = claim.out
     started = time.monotonic()
     base = load_base_for_adapter(adapter_dir, base_override=base_model,
                                  quantisation=QuantisationSettings.unquantised("float32"))
     model, tokenizer, base_path, origin = base.model, base.tokenizer, base.base_path, base.base_origin
     refuse_quantised_base(model, base_path)
+    refuse_output_over_inputs(out, [("the base model folder", base_path)])  # a hub id: its cache folder
     dtype_name = DTYPE_NAMES[dtype] if dtype else default_dtype_name(base_path)
     kind = "DoRA" if records.is_dora else "LoRA"
     print(f"merge: {kind} adapter {adapter_dir} onto {base_path} (unquantised, float32)", flush=True)
@@ -184,14 +198,11 @@ def merge_adapter(
         },
         "seconds": round(time.monotonic() - started, 1),
     }
-    build = start_output_folder(out, overwrite, inputs=(adapter_dir,))
-    try:
-        merged_model.config.dtype = getattr(torch, dtype_name)
-        merged_model.save_pretrained(build)
-        tokenizer.save_pretrained(build)
-        (build / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        move_into_place(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    print(f"merge: saved {dtype_name} model + tokenizer to {out} ({record['seconds']} s)", flush=True)
+    build = claim.new_build()
+    merged_model.config.dtype = getattr(torch, dtype_name)
+    merged_model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    (build / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    claim.publish()
     return record
+

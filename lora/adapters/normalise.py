@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -21,15 +20,14 @@ from lora.adapters.folders import (
     NORMALISED_CONFIG_KEY,
     NORMALISED_RECORD,
     AdapterError,
-    check_output_folder,
     copy_tokenizer_files,
+    local_base_model_folder,
     read_adapter_records,
     read_adapter_weights,
     refuse_if_normalised,
-    start_output_folder,
 )
 from lora.adapters.inference import load_base_for_adapter, quantisation_for_adapter
-from lora.core.files import move_into_place
+from lora.core.files import claim_output_folder, refuse_output_over_inputs
 from lora.models.quantisation import QuantisationSettings
 
 __all__ = [
@@ -169,7 +167,7 @@ def normalize_dora_adapter(
         AdapterError: not a DoRA adapter, already normalised, or it does not fit the base.
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     if w0 not in W0_CHOICES:
         raise AdapterError(f'--w0 must be one of {", ".join(W0_CHOICES)}, not "{w0}".')
     records = read_adapter_records(adapter_dir)
@@ -185,8 +183,20 @@ def normalize_dora_adapter(
             f"--w0 nf4 asks for the 4-bit weights training saw, but {adapter_dir}/recipe.json says the adapter was "
             f"trained on an {trained} base. Use --w0 unquantised."
         )
-    check_output_folder(out, overwrite, inputs=(adapter_dir,))
-    started = time.monotonic()
+    inputs = (("the adapter folder", adapter_dir),
+              ("the base model folder", local_base_model_folder(adapter_dir, base_model)))
+    # Held from here to the end: one writer per output, and `out` checked before the base model loads.
+    with claim_output_folder(out, overwrite=overwrite, record=NORMALISED_RECORD, made_by="lora/normalize_dora.py",
+                             kind="a normalised DoRA adapter", inputs=inputs, flag="-o/--out-dir") as claim:
+        started = time.monotonic()
+        record = _normalise_into(claim, adapter_dir, records, base_model, w0)
+    print(f"normalize: wrote {out} ({time.monotonic() - started:.1f} s); it is marked as normalised, so merge, "
+          "eval and serve refuse it", flush=True)
+    return record
+
+
+def _normalise_into(claim, adapter_dir: Path, records, base_model: str | None, w0: str) -> dict:
+    """Compute the normalised magnitudes, write them into `claim`'s build folder and publish it; returns the record."""
     weights = read_adapter_weights(adapter_dir)
     modules = group_dora_modules(weights)
     if not modules:
@@ -195,6 +205,7 @@ def normalize_dora_adapter(
     quantisation = w0_quantisation(records, w0)
     base = load_base_for_adapter(adapter_dir, base_override=base_model, quantisation=quantisation)
     base_path, origin = base.base_path, base.base_origin
+    refuse_output_over_inputs(claim.out, [("the base model folder", base_path)])  # a hub id: its cache folder
     print(f"normalize: {len(modules)} DoRA modules, W0 = {w0} weights of {base_path}", flush=True)
     base_weights = base_weights_of(base.model, sorted(modules), base_path)
     del base
@@ -223,16 +234,11 @@ def normalize_dora_adapter(
 
     from safetensors.torch import save_file
 
-    build = start_output_folder(out, overwrite, inputs=(adapter_dir,))
-    try:
-        save_file({key: tensor.contiguous() for key, tensor in normalised.items()}, str(build / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt", NORMALISED_CONFIG_KEY: "true"})
-        (build / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (build / NORMALISED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        copy_tokenizer_files(adapter_dir, build)
-        move_into_place(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    print(f"normalize: wrote {out} ({time.monotonic() - started:.1f} s); it is marked as normalised, so merge, "
-          "eval and serve refuse it", flush=True)
+    build = claim.new_build()
+    save_file({key: tensor.contiguous() for key, tensor in normalised.items()}, str(build / ADAPTER_WEIGHTS),
+              metadata={"format": "pt", NORMALISED_CONFIG_KEY: "true"})
+    (build / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (build / NORMALISED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    copy_tokenizer_files(adapter_dir, build)
+    claim.publish()
     return record

@@ -3,21 +3,31 @@ and a cheap readability check of saved files."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lora.core.errors import OutputError
+
 __all__ = [
+    "check_output_folder",
+    "claim_output_folder",
     "file_problem",
     "finish_interrupted_replacement",
     "fsync_path",
     "move_into_place",
     "new_file_mode",
+    "new_folder_mode",
+    "OutputClaim",
+    "refuse_output_over_inputs",
     "remove_tree",
     "write_json_atomic",
 ]
@@ -153,3 +163,201 @@ def finish_interrupted_replacement(out: Path) -> str | None:
     journal.unlink()
     fsync_path(out.parent)
     return said
+
+
+# Outputs a command writes whole (merge, normalise, convert, the lm-eval export): one rule for where such an output
+# may go and what it may replace, and one way to build and publish it.
+
+
+def new_folder_mode() -> int:
+    """The mode mkdir gives a new folder under this process's umask (0755 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _real_path(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: nothing readable there
+        return None
+
+
+def refuse_output_over_inputs(out: Path | str, inputs: Iterable[tuple[str, Path | str | None]]) -> None:
+    """Raise when an output is, contains or lies inside one of the command's inputs (symlinks resolved on both sides).
+
+    Replacing such an output would delete or change what the command reads (an adapter, a base model, a data file);
+    writing inside an input changes a folder the user handed over only to be read. Inputs that do not exist locally
+    (a hub id, a missing optional file) are skipped: there is nothing there to lose.
+
+    Args:
+        out: the folder or file the command writes.
+        inputs: (what it is, path) pairs, e.g. ("the adapter folder", Path("outputs/x")); None paths are skipped.
+
+    Raises:
+        OutputError: naming the output, the input, and how they overlap.
+    """
+    out = Path(out).expanduser()
+    real_out = _real_path(out.absolute())
+    if real_out is None:
+        raise OutputError(f"the output {out} is a symlink loop; choose another output.")
+    for what, path in inputs:
+        if path is None or str(path) == "":
+            continue
+        path = Path(path).expanduser().absolute()
+        real = _real_path(path) if path.exists() or path.is_symlink() else None
+        if real is None:
+            continue
+        if real_out == real:
+            relation = "is"
+        elif real in real_out.parents:
+            relation = "lies inside"
+        elif real_out in real.parents:
+            relation = "contains"
+        else:
+            continue
+        shown = f"{path}" + (f" (= {real})" if real != path else "")
+        shown_out = f"{out}" + (f" (= {real_out})" if real_out != out.absolute() else "")
+        raise OutputError(
+            f"the output {shown_out} {relation} {what} {shown}, which this command reads: it never writes over or "
+            "into its own inputs (replacing the output would delete them). Choose an output outside it."
+        )
+
+
+def _listing(folder: Path, limit: int = 8) -> str:
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def check_output_folder(out: Path | str, *, overwrite: bool, record: str, made_by: str, kind: str,
+                        inputs: Iterable[tuple[str, Path | str | None]] = (), flag: str = "--out") -> None:
+    """The one rule for a folder a command writes whole: where it may go and what it may replace.
+
+    Refused: an output that is, contains or lies inside an input (`refuse_output_over_inputs`); an output that is a
+    file (these commands write folders); an existing folder without `overwrite`; and, even with `overwrite`, a
+    non-empty folder that does not carry `record`, the file this command writes into every output of its own (a
+    folder this tool did not write is never replaced).
+
+    Args:
+        out: the output folder.
+        overwrite: replacing an earlier output of this command was asked for (--overwrite).
+        record: the file that marks an output of this command (merge_record.json, conversion.json, ...).
+        made_by: the command, as the messages name it (e.g. "lora/merge.py").
+        kind: what its outputs are, for the messages (e.g. "a merged model").
+        inputs: what the command reads, as for `refuse_output_over_inputs`.
+        flag: the option that names the output, for the messages.
+
+    Raises:
+        OutputError: with one paragraph naming the output, what is in the way and what to do.
+    """
+    out = Path(out).expanduser().absolute()
+    refuse_output_over_inputs(out, inputs)
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{flag} {out} is a symlink to nothing ({os.readlink(out)}); name a folder.")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {out} is a file, and {made_by} writes a folder: name a folder instead (the file "
+                          "is left as it is).")
+    if not out.is_dir():
+        return
+    ours = (out / record).is_file()
+    if not ours and any(out.iterdir()):
+        raise OutputError(
+            f"{flag} {out} is not {kind} written by this tool (it has no {record}, which {made_by} writes into "
+            f"each; it holds: {_listing(out)}), so it is never replaced. Choose another {flag}, or empty that folder "
+            "yourself."
+        )
+    if not overwrite:
+        raise OutputError(f"{out} already exists. Choose another output folder, or pass --overwrite to replace it "
+                          "(only once the new output is complete).")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputClaim:
+    """An output folder this process holds the lock of (see `claim_output_folder`): build beside it, then publish.
+
+    Attributes:
+        out: the output folder (absolute, symlinks resolved).
+        build_dir: the hidden sibling the new output is built in (`.<name>.build`).
+    """
+
+    out: Path
+    build_dir: Path
+    recheck: Callable[[], None]
+
+    def new_build(self) -> Path:
+        """An empty build folder with the umask's mode (what a killed earlier command left there is removed first:
+        the name belongs to this output, and only the holder of its lock writes it)."""
+        _remove_path(self.build_dir)
+        self.build_dir.mkdir(mode=0o777)  # mkdir applies the umask, as for any folder a user creates
+        return self.build_dir
+
+    def publish(self) -> None:
+        """Give the build the modes any new file and folder gets, flush it, and move it into place (journalled).
+
+        The output is checked again first: the lock keeps our own commands away, not a user's hand.
+        """
+        self.recheck()
+        file_mode, folder_mode = new_file_mode(), new_folder_mode()
+        for path in sorted(self.build_dir.rglob("*")):
+            if path.is_symlink():
+                continue
+            if path.is_dir():
+                path.chmod(folder_mode)
+            else:
+                path.chmod(file_mode)  # safetensors and temporary files are written 0600 whatever the umask
+                fsync_path(path)
+        self.build_dir.chmod(folder_mode)
+        fsync_path(self.build_dir)
+        move_into_place(self.build_dir, self.out)
+
+
+@contextlib.contextmanager
+def claim_output_folder(out: Path | str, *, overwrite: bool, record: str, made_by: str, kind: str,
+                        inputs: Iterable[tuple[str, Path | str | None]] = (), flag: str = "--out",
+                        say: Callable[[str], None] = print) -> Iterator[OutputClaim]:
+    """Hold `out` for a whole command: its lock, an interrupted replacement finished, the output rule checked.
+
+    Every command that writes a folder whole runs inside this block: a second command on the same output exits 2 at
+    once naming this process (lora.core.locks); a replacement that a killed command left half done is completed or
+    undone first, and `say` is told which; then `check_output_folder` decides whether `out` may be written. A build
+    that was not published when the block ends (an error) is removed.
+
+    Args:
+        out, overwrite, record, made_by, kind, inputs, flag: as for `check_output_folder`.
+        say: where to report a finished interrupted replacement (one line).
+
+    Yields:
+        The `OutputClaim`: `new_build()` before writing, `publish()` once everything is written.
+
+    Raises:
+        OutputError: another process writes `out`, or `check_output_folder` refuses it.
+    """
+    from lora.core.locks import hold_output_lock
+
+    inputs = tuple(inputs)
+    given = Path(out).expanduser().absolute()
+    refuse_output_over_inputs(given, inputs)  # before the lock: its file goes beside `out`, maybe inside an input
+    if given.is_symlink() and not given.exists():
+        raise OutputError(f"{flag} {given} is a symlink to nothing ({os.readlink(given)}); name a folder.")
+    out = _real_path(given)
+    if out is None:
+        raise OutputError(f"{flag} {given} is a symlink loop; name a folder.")
+    with hold_output_lock(out):
+        try:
+            said = finish_interrupted_replacement(out)
+        except OSError as error:  # a journal that cannot be acted on: the user decides, nothing is guessed
+            raise OutputError(f"{error}. {made_by} leaves {out} alone until then.") from None
+        if said:
+            say(f"{made_by}: {said}")
+
+        def recheck() -> None:
+            check_output_folder(out, overwrite=overwrite, record=record, made_by=made_by, kind=kind, inputs=inputs,
+                                flag=flag)
+
+        recheck()
+        claim = OutputClaim(out=out, build_dir=out.parent / f".{out.name}.build", recheck=recheck)
+        try:
+            yield claim
+        finally:
+            if claim.build_dir.exists():
+                _remove_path(claim.build_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lora.core.errors import DataError
 from lora.prompts.chat import check_conversation, conversation_as_row
-from lora.prompts.rows import file_sha256, load_rows
+from lora.prompts.rows import check_row_length, file_sha256, load_rows
 
 __all__ = ["DataFile", "FORMATS", "detect_format", "read_data_file", "read_scoring_rows", "row_line_numbers"]
 
@@ -91,11 +91,25 @@ def _preference_row(row: dict, where: str) -> dict:
     return {**{k: v for k, v in row.items() if k != prompt_key}, "prompt": row[prompt_key]}
 
 
-def read_data_file(path: str | Path, data_format: str = "auto", *, label: str = "data file") -> DataFile:
+def _text_length(value) -> int:
+    """The characters of every string in a row's value (a conversation's contents, a preference side)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_length(value.get(key)) for key in ("content", "prompt", "chosen", "rejected", "messages"))
+    return 0
+
+
+def read_data_file(path: str | Path, data_format: str = "auto", *, label: str = "data file",
+                   max_seq_length: int | None = None) -> DataFile:
     """Read a data file in `data_format` ("auto": from the first row), checking every row.
 
     Args:
         label: what the file is to the user (e.g. 'datasets[1]'), said when a row is of another format.
+        max_seq_length: when given (training data), a row whose text is longer than lora.prompts.rows
+            .max_row_chars(max_seq_length) is refused before anything tokenises it, in every format.
 
     Raises:
         DataError: naming file:line for a row that is not JSON, not of the file's format, or malformed in it
@@ -122,8 +136,11 @@ def read_data_file(path: str | Path, data_format: str = "auto", *, label: str = 
             rows.append(_preference_row(row, location))
         else:
             rows.append(row)
+        if data_format != "finlora" and max_seq_length is not None:
+            check_row_length(_text_length(rows[-1]), max_seq_length, location)
     if data_format == "finlora":
-        rows = load_rows(path)  # FinLoRA rows: the reader's own checks (strings, non-empty target) and messages
+        # FinLoRA rows: the reader's own checks (strings, non-empty target, length) and messages
+        rows = load_rows(path, max_seq_length=max_seq_length)
     return DataFile(path=path, format=data_format, rows=rows, where=where)
 
 

@@ -81,12 +81,13 @@ def mixture_counts(available: list[int], specs: list[DatasetSpec]) -> list[int]:
 
 
 def mix_datasets(specs: list[DatasetSpec], seed: int, *, formats: tuple[str, ...] | None = None,
-                 relative_to: Path | None = None) -> MixedRows:
+                 relative_to: Path | None = None, max_seq_length: int | None = None) -> MixedRows:
     """Read every file of `specs` and draw the mixture; one file without weight or cap is read as it is.
 
     Args:
         formats: the formats the trainer accepts (None: any); another format is a DataError naming the file.
         relative_to: the folder relative paths resolve against (the registry's; recipes resolve them already).
+        max_seq_length: when given (training data), rows too long to tokenise are refused (read_data_file).
     """
     from lora.core.errors import DataError
 
@@ -94,7 +95,7 @@ def mix_datasets(specs: list[DatasetSpec], seed: int, *, formats: tuple[str, ...
     for index, spec in enumerate(specs):
         path = Path(spec.path) if relative_to is None else relative_to / spec.path
         label = f"datasets[{index}]" if len(specs) > 1 or spec.weight or spec.max_examples else "dataset_path"
-        data = read_data_file(path, spec.format, label=label)
+        data = read_data_file(path, spec.format, label=label, max_seq_length=max_seq_length)
         if formats is not None and data.format not in formats:
             raise DataError(f"{label} {path}: holds {data.format} rows, which this trainer cannot train on (it "
                             f"reads {' or '.join(formats)} rows; see the README's data formats).")

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from lora.core.errors import did_you_mean
+from lora.core.strict_json import parse_json
 
-__all__ = ["LOWER_IS_BETTER", "data_field_problems", "resolve_dataset_paths", "task_metrics"]
+__all__ = ["LOWER_IS_BETTER", "data_field_problems", "task_metrics"]
 
 # Metrics where a smaller value is the better one (every other watched metric: higher is better).
 LOWER_IS_BETTER = ("eval_loss", "mean_absolute_error")
@@ -20,8 +21,8 @@ LOWER_IS_BETTER = ("eval_loss", "mean_absolute_error")
 def task_metrics(tasks_path: Path) -> dict[str, list[str]]:
     """{task: its metrics} from the evaluation registry, read as plain JSON ({} when it cannot be read)."""
     try:
-        tasks = json.loads(Path(tasks_path).read_text())["tasks"]
-    except (OSError, ValueError, KeyError):
+        tasks = parse_json(Path(tasks_path).read_text(encoding="utf-8"))["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):  # the task registry reports its own problems when read
         return {}
     return {name: list(task.get("metrics") or ["accuracy"]) for name, task in tasks.items()}
 
@@ -92,9 +93,3 @@ def data_field_problems(fields: Mapping[str, Any], given: set[str], tasks_path: 
         tasks_path: the evaluation registry (eval/tasks.json), for early_stopping_metric's task and metric.
     """
     return _dataset_problems(fields, given) + _early_stopping_problems(fields, given, tasks_path)
-
-
-def resolve_dataset_paths(fields: dict[str, Any], base: Path) -> None:
-    """Each `datasets` entry's path made absolute against the registry file's folder (as dataset_path is)."""
-    for entry in fields.get("datasets") or []:
-        entry["path"] = str((base / Path(entry["path"]).expanduser()).resolve())

@@ -9,7 +9,10 @@ the registry file's folder, never the working directory.
 from __future__ import annotations
 
 import copy
+import errno
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,8 @@ import jsonschema
 
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
-from lora.recipes.data_fields import data_field_problems, resolve_dataset_paths
+from lora.core.strict_json import JSONInputError, parse_json, schema_validator
+from lora.recipes.data_fields import data_field_problems
 from lora.recipes.quantisation_fields import other_width_problems
 from lora.recipes.trainers import trainer_problems
 
@@ -64,6 +68,18 @@ def load_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_schema(stamp: tuple[int, int]) -> tuple[dict, jsonschema.protocols.Validator]:
+    """The schema and its validator, built once per version of the schema file (`stamp`: mtime and size)."""
+    schema = load_schema()
+    return schema, schema_validator(schema)
+
+
+def _schema_and_validator() -> tuple[dict, jsonschema.protocols.Validator]:
+    stat = SCHEMA_PATH.stat()
+    return _compiled_schema((stat.st_mtime_ns, stat.st_size))
+
+
 @dataclass
 class Recipe:
     """A resolved, validated recipe: every schema field present (defaults filled), aliases renamed, paths absolute."""
@@ -96,16 +112,25 @@ class Recipe:
 
 
 def read_registry(path: Path | str | None = None) -> tuple[Path, dict[str, dict]]:
-    """Read a registry file; returns its absolute path and the raw recipes."""
-    registry_path = Path(path).expanduser().resolve() if path else DEFAULT_REGISTRY
+    """Read a registry file; returns its absolute path and the raw recipes.
+
+    Raises:
+        RecipeError: a missing file or symlink loop, text that is not UTF-8, and JSON this tool refuses (NaN or
+            Infinity, a key given twice, nesting past the reader's limit; lora/core/strict_json.py) with line:column.
+    """
+    registry_path = _resolve_path(Path(path).expanduser()) if path else DEFAULT_REGISTRY
+    if registry_path is None:
+        raise RecipeError(f"registry file {path} is a symlink loop (a link that leads back to itself); give the "
+                          "registry's real path.")
     if not registry_path.is_file():
         raise RecipeError(f"registry file {registry_path} does not exist (expected a JSON object of named recipes).")
     try:
-        raw = json.loads(registry_path.read_text())
-    except json.JSONDecodeError as error:
-        raise RecipeError(
-            f"registry {registry_path}:{error.lineno}:{error.colno} is not valid JSON: {error.msg}."
-        ) from None
+        raw = parse_json(registry_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"registry {registry_path}: byte {error.start} is not UTF-8 (save the file as "
+                          "UTF-8).") from None
+    except JSONInputError as error:
+        raise RecipeError(f"registry {registry_path}:{error.line}:{error.column}: {error.message}.") from None
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise RecipeError(f"registry {registry_path} must be a JSON object mapping recipe names to objects.")
     for name in raw:
@@ -127,6 +152,18 @@ def check_recipe_name(name: str, registry_path: Path) -> None:
         f"outputs/<name>/): use letters, digits, \"_\" and \"-\", with \".\" only inside, at most "
         f"{MAX_RECIPE_NAME_LENGTH} characters; nearest: {json.dumps(nearest)}."
     )
+
+
+def _resolve_path(path: Path) -> Path | None:
+    """`path` made absolute with its symlinks followed, or None when they form a loop."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # pathlib's "Symlink loop from ..." (Python 3.11/3.12)
+        return None
+    except OSError as error:  # Python 3.13 raises ELOOP as an OSError
+        if error.errno == errno.ELOOP:
+            return None
+        raise
 
 
 def runnable_names(raw_registry: dict[str, dict]) -> list[str]:
@@ -151,27 +188,65 @@ def _rename_aliases(fields: dict[str, Any], problems: list[str], spellings: dict
     return renamed
 
 
-def _recipe_layers(
-    name: str, raw_registry: dict[str, dict], problems: list[str], spellings: dict[str, str]
-) -> list[dict[str, Any]]:
-    """The recipe and its `extends` chain as field layers, most general first (aliases renamed in each)."""
-    chain, current = [], name
-    while current is not None:
-        if current in chain:
-            problems.append(f'"extends" forms a cycle: {" -> ".join(chain + [current])}')
-            break
-        if current not in raw_registry:
-            problems.append(
-                f'field "extends": no recipe named "{current}" in the registry{did_you_mean(current, raw_registry)}'
-            )
-            break
-        chain.append(current)
-        parent = raw_registry[current].get("extends")
-        current = parent if isinstance(parent, str) else None
-    layers = [_rename_aliases(copy.deepcopy(raw_registry[link]), problems, spellings) for link in reversed(chain)]
-    for layer in layers[:-1]:
-        layer.pop("extends", None)  # only the recipe's own `extends` is kept in the record
-    return layers
+@dataclass
+class _Merged:
+    """A recipe's `extends` chain merged, most general first: what every recipe extending it starts from."""
+
+    fields: dict[str, Any]
+    spellings: dict[str, str]
+    problems: list[str]
+    quant_fields: set[str]  # fields set in the layer that chose quant_bits or a more specific one
+
+
+class _RegistryView:
+    """One read registry, resolving any number of its recipes in time linear in the registry's size: every
+    `extends` chain is merged once per link (memoised), the schema validator is compiled once."""
+
+    def __init__(self, registry_path: Path, raw_registry: dict[str, dict]):
+        self.path, self.raw = registry_path, raw_registry
+        self.schema, self.validator = _schema_and_validator()
+        self.defaults = {key: spec.get("default") for key, spec in self.schema["properties"].items()
+                         if key != "extends"}
+        self._merged: dict[str, _Merged] = {}
+
+    def merged(self, name: str) -> _Merged:
+        """The fields of `name` and its ancestors (aliases renamed per layer, the most specific layer winning)."""
+        chain, seen, current = [], set(), name
+        while current is not None and current not in self._merged:
+            if current in seen or current not in self.raw:
+                return self._broken_chain(name)  # a cycle or a missing parent: reported from `name`, not memoised
+            chain.append(current)
+            seen.add(current)
+            parent = self.raw[current].get("extends")
+            current = parent if isinstance(parent, str) else None
+        base = self._merged[current] if current is not None else _Merged({}, {}, [], set())
+        for link in reversed(chain):
+            spellings, problems = dict(base.spellings), list(base.problems)
+            layer = _rename_aliases(copy.deepcopy(self.raw[link]), problems, spellings)
+            fields = {key: value for key, value in base.fields.items() if key != "extends"}
+            fields.update(layer)  # only the recipe's own `extends` is kept in the record
+            quant_fields = set(layer) if "quant_bits" in layer else base.quant_fields | set(layer)
+            base = self._merged[link] = _Merged(fields, spellings, problems, quant_fields)
+        return base
+
+    def _broken_chain(self, name: str) -> _Merged:
+        chain, current, problems = [], name, []
+        while current is not None:
+            if current in chain:
+                problems.append(f'"extends" forms a cycle: {" -> ".join(chain + [current])}')
+                break
+            if current not in self.raw:
+                problems.append(f'field "extends": no recipe named "{current}" in the registry'
+                                f"{did_you_mean(current, self.raw)}")
+                break
+            chain.append(current)
+            parent = self.raw[current].get("extends")
+            current = parent if isinstance(parent, str) else None
+        spellings: dict[str, str] = {}
+        layers = [_rename_aliases(copy.deepcopy(self.raw[link]), problems, spellings) for link in reversed(chain)]
+        fields = {key: value for layer in layers[:-1] for key, value in layer.items() if key != "extends"}
+        fields.update(layers[-1] if layers else {})
+        return _Merged(fields, spellings, problems, _fields_set_with_quant_bits(layers))
 
 
 def _fields_set_with_quant_bits(layers: list[dict[str, Any]]) -> set[str]:
@@ -213,11 +288,37 @@ def _describe_schema_error(error: jsonschema.ValidationError, schema: dict, spel
     elif error.validator in ("exclusiveMinimum", "exclusiveMaximum"):
         side = ">" if error.validator == "exclusiveMinimum" else "<"
         hint = f" (expected a value {side} {error.validator_value})"
+    elif error.validator == "type":
+        hint = _number_hint(error.instance, error.validator_value, field_schema)
     text = f"{json.dumps(error.instance)} is not allowed" if error.validator == "enum" else error.message
     message = f'field "{location}": {text}{hint}'
     if expected and error.validator in ("type", "oneOf", "minLength"):
         message += f" — expected: {expected}"
     return message
+
+
+def _number_hint(value: Any, expected: str | list[str], field_schema: dict) -> str:
+    """Why a value of the wrong type is not the number it may look like, with the nearest valid one."""
+    types = [expected] if isinstance(expected, str) else list(expected)
+    if isinstance(value, str) and not _is_finite_text(value) and {"number", "integer"} & set(types):
+        return (f" (NaN and Infinity are not numbers a recipe accepts; give a finite number, e.g. the default "
+                f"{json.dumps(field_schema.get('default'))})")
+    if "integer" in types and isinstance(value, float) and math.isfinite(value):
+        nearest = round(value)
+        if "minimum" in field_schema:
+            nearest = max(nearest, field_schema["minimum"])
+        if "maximum" in field_schema:
+            nearest = min(nearest, field_schema["maximum"])
+        return f" (a whole number without a decimal point or exponent; nearest valid value: {nearest})"
+    return ""
+
+
+def _is_finite_text(text: str) -> bool:
+    """False for text that reads as NaN or an infinity (`NaN`, `-Infinity`, `1e999`), True otherwise."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True
 
 
 def _nearest_allowed(value: Any, allowed: list[Any]) -> Any:
@@ -255,11 +356,21 @@ def _cross_field_problems(
 
 
 def _known_eval_tasks() -> list[str]:
-    """Task names of the evaluation registry (eval/tasks.json), read as plain JSON to keep --dry-run light."""
+    """Task names of the evaluation registry (eval/tasks.json), read as plain JSON to keep --dry-run light (once
+    per version of the file, not once per recipe of a --list)."""
     try:
-        return list(json.loads(EVAL_TASKS_PATH.read_text())["tasks"])
-    except (OSError, ValueError, KeyError):
+        stat = EVAL_TASKS_PATH.stat()
+    except OSError:
         return []
+    return list(_eval_task_names(str(EVAL_TASKS_PATH), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_task_names(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        return tuple(parse_json(Path(path).read_text(encoding="utf-8"))["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):  # the task registry reports its own problems when read
+        return ()
 
 
 def _normalise(fields: dict[str, Any], given: set[str]) -> None:
@@ -272,14 +383,18 @@ def _normalise(fields: dict[str, Any], given: set[str]) -> None:
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:
-    """`key=value` with a JSON-typed value (`lora_r=16`, `use_dora=true`); non-JSON values are strings."""
+    """`key=value` with a JSON-typed value (`lora_r=16`, `use_dora=true`); other values are strings.
+
+    The value is read by the same strict JSON rule as the registry, so `NaN`, `Infinity` or `1e999` stay the
+    strings they are and the schema refuses them for a number field (`_describe_schema_error` says why).
+    """
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
         raise RecipeError(f'--set "{assignment}": expected key=value, e.g. --set lora_r=16')
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = parse_json(text)
+    except JSONInputError:
         value = text
     return key, value
 
@@ -302,42 +417,61 @@ def resolve_recipe(
             f'no recipe named "{name}" in {registry_path}{did_you_mean(name, names)}. '
             f"Known recipes: {', '.join(names) or '(none)'}. `python lora/finetune.py --list` shows them."
         )
-    problems: list[str] = []
-    spellings: dict[str, str] = {}
+    return _resolve(_RegistryView(registry_path, raw_registry), name, overrides)
+
+
+def _copied(value: Any) -> Any:
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+def _resolve(view: _RegistryView, name: str, overrides: list[str] | None = None) -> Recipe:
+    """`resolve_recipe` within an already-read registry (see there)."""
+    registry_path, schema = view.path, view.schema
     override_values = dict(parse_override(item) for item in overrides or [])
-    layers = _recipe_layers(name, raw_registry, problems, spellings)
-    layers.append(_rename_aliases(override_values, problems, spellings))
-    fields = {key: value for layer in layers for key, value in layer.items()}
-    schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
-    for error in sorted(validator.iter_errors(fields), key=lambda e: [str(p) for p in e.absolute_path]):
+    merged = view.merged(name)
+    problems, spellings = list(merged.problems), dict(merged.spellings)
+    override_layer = _rename_aliases(override_values, problems, spellings)
+    fields = {**merged.fields, **override_layer}
+    quant_fields = set(override_layer) if "quant_bits" in override_layer else merged.quant_fields | set(override_layer)
+    for error in sorted(view.validator.iter_errors(fields), key=lambda e: [str(p) for p in e.absolute_path]):
         problems.append(_describe_schema_error(error, schema, spellings))
     given = set(fields)
-    resolved = {key: copy.deepcopy(spec.get("default")) for key, spec in schema["properties"].items()}
-    resolved.pop("extends")
-    resolved.update(fields)
-    problems.extend(_cross_field_problems(resolved, given, _fields_set_with_quant_bits(layers), spellings))
+    resolved = {key: _copied(value) for key, value in view.defaults.items()}
+    # The memoised layers are shared by every recipe extending them: the recipe gets its own lists and objects.
+    resolved.update({key: _copied(value) for key, value in fields.items()})
+    problems.extend(_cross_field_problems(resolved, given, quant_fields, spellings))
+    # Paths resolve against the registry's folder: the one-file fields and each entry of a `datasets` mixture.
+    path_holders = [(key, resolved, key) for key in PATH_FIELDS]
+    path_holders += [(f"datasets[{index}].path", entry, "path") for index, entry in
+                     enumerate(resolved.get("datasets") or []) if isinstance(entry, dict)]
+    for label, holder, key in path_holders:
+        if isinstance(holder.get(key), str) and holder[key]:
+            path = _resolve_path(registry_path.parent / Path(holder[key]).expanduser())
+            if path is None:
+                problems.append(f'field "{label}": {holder[key]} is a symlink loop (a link that leads back to itself, '
+                                "directly or through others); point it at the real file or folder")
+            else:
+                holder[key] = str(path)
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise RecipeError(f'recipe "{name}" in {registry_path} has {len(problems)} problem(s):\n{listing}')
     _normalise(resolved, given)
     resolved["run_name"] = resolved["run_name"] or name  # trackers name the run after the recipe by default
     auto_dtypes = resolve_auto_dtypes(resolved)
-    for key in PATH_FIELDS:
-        if resolved.get(key):
-            resolved[key] = str((registry_path.parent / Path(resolved[key]).expanduser()).resolve())
-    resolve_dataset_paths(resolved, registry_path.parent)
     return Recipe(name=name, fields=resolved, registry_path=registry_path, overrides=override_values,
                   spellings=spellings, auto_dtypes=auto_dtypes)
 
 
 def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:
-    """One row per runnable recipe for `--list` (unresolvable recipes show their problem instead of failing)."""
-    registry_path, raw_registry = read_registry(registry)
+    """One row per runnable recipe for `--list` (unresolvable recipes show their problem instead of failing).
+
+    The registry is read once and every recipe resolved within it, so the time grows linearly with its size.
+    """
+    view = _RegistryView(*read_registry(registry))
     rows = []
-    for name in runnable_names(raw_registry):
+    for name in runnable_names(view.raw):
         try:
-            recipe = resolve_recipe(name, registry_path)
+            recipe = _resolve(view, name)
         except RecipeError as error:
             rows.append({"name": name, "problem": str(error).splitlines()[-1].strip()})
             continue
@@ -348,7 +482,7 @@ def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:
                 "quant": f"{recipe['quant_bits']}-bit" if recipe.quantised else recipe["dtype"],
                 "adapter": "DoRA" if recipe["use_dora"] else "LoRA",
                 "rank": recipe["lora_r"],
-                "dataset": (_display_path(recipe["dataset_path"], registry_path.parent) if recipe["dataset_path"]
+                "dataset": (_display_path(recipe["dataset_path"], view.path.parent) if recipe["dataset_path"]
                             else f"{len(recipe['datasets'])} datasets (mixture)"),
             }
         )

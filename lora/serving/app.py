@@ -11,8 +11,10 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from lora.adapters.folders import read_adapter_records
 from lora.adapters.inference import quantisation_for_adapter
@@ -31,6 +33,7 @@ from lora.serving.host import (
     ADAPTER_NAME_RULE,
     AdapterConflictError,
     AdapterHost,
+    AdapterLimitError,
     BadRequestError,
     GenerationRow,
     ServedAdapter,
@@ -40,6 +43,7 @@ from lora.serving.host import (
 __all__ = [
     "AdapterLoadRequest",
     "check_port_free",
+    "LONE_SURROGATE",
     "CompletionRequest",
     "create_app",
     "DEFAULT_ADAPTER_ROOT",
@@ -55,22 +59,37 @@ MAX_STOP_SEQUENCES = 4
 # The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.
 DEFAULT_ADAPTER_ROOT = outputs_root(DEFAULT_REGISTRY)
 ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
-_STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, ServerBusyError: 503}
+_STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, AdapterLimitError: 409, ServerBusyError: 503}
+LONE_SURROGATE = "lone_surrogate"  # the problem type of a string that is not text (answered 400, not 422)
+
+
+def _whole_text(value: str) -> str:
+    # JSON lets a string escape half of a UTF-16 pair ("\ud800"); Python keeps it, but no tokenizer, file or JSON
+    # response can hold it, so it failed deep inside as a 500. It is a malformed request: say so at the door.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(LONE_SURROGATE, "a lone UTF-16 surrogate at character {position}",
+                                  {"position": error.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_whole_text)]
 
 
 class CompletionRequest(BaseModel):
     """POST /v1/completions (OpenAI's fields that this server implements; any other field is an error)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str | list[str]
+    model: Text
+    prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 completion per prompt is supported")
     stream: bool = Field(False, description="streaming is not supported")
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -99,8 +118,8 @@ class AdapterLoadRequest(BaseModel):
     """POST /v1/adapters: serve the adapter folder `path` (as the server's machine sees it) under `name`."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str = Field(max_length=4096, description="a folder under the server's --adapter-root, relative to it")
+    name: Text
+    path: Text = Field(max_length=4096, description="a folder under the server's --adapter-root, relative to it")
 
 
 def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | None = None,
@@ -159,6 +178,11 @@ def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | No
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = error.errors()
+        # pydantic reports a lone surrogate it meets itself (a key, a length-checked field) as string_unicode.
+        not_text = [problem for problem in problems if problem.get("type") in (LONE_SURROGATE, "string_unicode")]
+        if not_text:
+            return error_response(400, f"{_where(not_text[0])}: holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                                  "escape without its pair), which is not text; send valid Unicode.", "invalid_text")
         if any(problem.get("type") == "json_invalid" for problem in problems):
             detail = "; ".join(str(problem.get("ctx", {}).get("error", problem.get("msg"))) for problem in problems)
             return error_response(400, f"the request body is not valid JSON: {detail}.", "json_invalid")
@@ -223,9 +247,14 @@ def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | No
     return app
 
 
+def _where(problem: dict) -> str:
+    """The field a problem is in ("prompt.1"), without pydantic's names of union branches ("list[str]")."""
+    parts = [str(part) for part in problem.get("loc", ()) if part != "body" and "[" not in str(part)]
+    return ".".join(parts) or "body"
+
+
 def _describe_problem(problem: dict) -> str:
-    where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
-    return f"{where}: {problem.get('msg', 'invalid')}"
+    return f"{_where(problem)}: {problem.get('msg', 'invalid')}"
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -45,6 +45,8 @@ def error_response(status: int, message: str, code: str, headers: dict[str, str]
     from fastapi.responses import JSONResponse
 
     kind = "invalid_request_error" if status < 500 else "server_error"
+    # A message may quote what a client sent; a lone surrogate in it would make the response itself unencodable.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": kind, "code": code}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 

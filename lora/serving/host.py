@@ -33,15 +33,17 @@ from lora.adapters.folders import AdapterError, read_adapter_records, read_adapt
 from lora.core.errors import UserError, did_you_mean
 from lora.models.quantisation import QuantisationSettings
 from lora.prompts.generation import generate_batch, padding_token_id, stop_token_ids
-from lora.prompts.templates import BUILTIN_TEMPLATES, encode_prompt_text
+from lora.prompts.templates import BUILTIN_TEMPLATES, check_template, encode_prompt_text
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
     "ADAPTER_NAME_RULE",
     "BASE_ROUTE",
+    "DEFAULT_MAX_ADAPTERS",
     "MAGNITUDE_KEY",
     "AdapterConflictError",
     "AdapterHost",
+    "AdapterLimitError",
     "BadRequestError",
     "GeneratedRow",
     "GenerationRow",
@@ -55,6 +57,9 @@ MAGNITUDE_KEY = "lora_magnitude_vector"
 # peft keeps adapters in ModuleDicts, whose keys cannot contain "."; the name also travels in URLs.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ADAPTER_NAME_RULE = "1-64 letters, digits, '_' or '-' (no '.', no '/')"
+# Each adapter stays in memory (a few MB for rank 8 on a small model, far more on a large one) and peft's mixed
+# batches grow with the count: a client with POST /v1/adapters must not be able to exhaust the server.
+DEFAULT_MAX_ADAPTERS = 16
 
 
 class UnknownModelError(UserError):
@@ -63,6 +68,10 @@ class UnknownModelError(UserError):
 
 class AdapterConflictError(UserError):
     """An adapter of that name is already loaded (HTTP 409)."""
+
+
+class AdapterLimitError(UserError):
+    """Loading one more adapter would pass the server's --max-adapters (HTTP 409: unload one first)."""
 
 
 class BadRequestError(UserError):
@@ -122,23 +131,29 @@ class AdapterHost:
         model: the loaded base model (plain transformers, possibly bitsandbytes-quantised), in eval mode.
         tokenizer: its tokenizer; padding is switched to the left for batched generation.
         quant_bits: 4, 8 or None, for the load-time notes only.
+        max_adapters: the most adapters loaded at once (each holds its weights in memory, a DoRA adapter also its
+            cached norms); None for no limit. A load over it raises `AdapterLimitError`.
     """
 
-    def __init__(self, base_name: str, model, tokenizer, quant_bits: int | None = None):
+    def __init__(self, base_name: str, model, tokenizer, quant_bits: int | None = None,
+                 max_adapters: int | None = DEFAULT_MAX_ADAPTERS):
         self.base_name = base_name
         self.base_path = str(getattr(model, "name_or_path", "") or base_name)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.quant_bits = quant_bits
+        self.max_adapters = max_adapters
         self.adapters: dict[str, ServedAdapter] = {}
         self.context_length = _context_length(model.config, tokenizer)
         self.generation_config = getattr(model, "generation_config", None)
         # Read once here, for every built-in template: the model thread must not touch the tokenizer while request
         # threads encode with it (a fast tokenizer is a Rust object that raises "Already borrowed" under concurrent
         # use).
+        # Only for the templates this tokenizer supports: many base tokenizers have no chat template, and asking for
+        # its end of turn raises; a chat-trained adapter is refused on such a base when it loads.
         self.stops_by_template = {template: tuple(stop_token_ids(tokenizer, template, self.generation_config))
-                                  for template in BUILTIN_TEMPLATES}
+                                  for template in BUILTIN_TEMPLATES if _template_problem(template, tokenizer) is None}
         self.stop_token_ids = self.stops_by_template["plain"]  # the base's: its prompts are plain text
         self.pad_token_id = padding_token_id(tokenizer, self.stop_token_ids)
         self.device = model.device
@@ -172,9 +187,20 @@ class AdapterHost:
             BadRequestError, AdapterConflictError, AdapterError: as above (all `UserError`s).
         """
         self._check_new_name(name)
+        if self.max_adapters is not None and len(self.adapters) >= self.max_adapters:
+            raise AdapterLimitError(
+                f"this server already serves {len(self.adapters)} adapters, its limit (--max-adapters "
+                f"{self.max_adapters}); unload one first (DELETE /v1/adapters/NAME) or restart the server with a "
+                "higher --max-adapters if memory allows."
+            )
         folder = Path(path).expanduser().resolve()
         refuse_if_normalised(folder)
         records = read_adapter_records(folder)
+        template = (records.recipe or {}).get("prompt_template") or "plain"
+        problem = _template_problem(template, self.tokenizer)
+        if problem:
+            raise AdapterError(f'cannot serve adapter "{name}" from {folder} on {self.base_name}: it was trained with '
+                               f"prompt_template {template!r} (its recipe.json), but {problem}.")
         peft_type = records.adapter_config.get("peft_type")
         if peft_type != "LORA":
             raise AdapterError(
@@ -192,7 +218,6 @@ class AdapterHost:
         except BaseException:
             self._detach(name)
             raise
-        template = (records.recipe or {}).get("prompt_template") or "plain"
         adapter = ServedAdapter(
             name=name,
             path=folder,
@@ -416,6 +441,15 @@ def _check_magnitudes_in_file(folder: Path, is_dora: bool, weights: dict) -> Non
         )
 
 
+def _template_problem(template: str, tokenizer) -> str | None:
+    """Why answers under `template` cannot be served with this tokenizer (e.g. "chat" without a chat template)."""
+    try:
+        check_template(template, tokenizer)
+    except UserError as error:
+        return str(error).rstrip(".")
+    return None
+
+
 def _context_length(config, tokenizer) -> int | None:
     for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
         if isinstance(value, int) and 0 < value < 10_000_000:
@@ -438,17 +472,19 @@ def _summarise_load_error(error: BaseException) -> str:
     return re.sub(r"\s+", " ", text)
 
 
-def build_host(base_model: str, *, quantisation: QuantisationSettings, base_path: str | None = None) -> AdapterHost:
+def build_host(base_model: str, *, quantisation: QuantisationSettings, base_path: str | None = None,
+               max_adapters: int | None = DEFAULT_MAX_ADAPTERS) -> AdapterHost:
     """Load a base model and its tokenizer into an `AdapterHost` with no adapters yet.
 
     Args:
         base_model: hub id or folder; requests name the base by this string.
         quantisation: how to load the base (lora.serving.app.served_quantisation: as the adapters were trained).
         base_path: where to load it from when already resolved; else `resolve_model_source(base_model)`.
+        max_adapters: the most adapters served at once (None: no limit).
     """
     from lora.adapters.inference import load_inference_base
     from lora.models.source import resolve_model_source
 
     path = base_path or resolve_model_source(base_model).path
     model, tokenizer = load_inference_base(base_model, path, quantisation)
-    return AdapterHost(base_model, model, tokenizer, quant_bits=quantisation.bits)
+    return AdapterHost(base_model, model, tokenizer, quant_bits=quantisation.bits, max_adapters=max_adapters)

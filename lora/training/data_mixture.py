@@ -62,14 +62,15 @@ def check_data_files(recipe) -> None:
     Raises:
         DataError: a missing file, a bad row (file:line), or a format the recipe's trainer cannot train on.
     """
-    mixed = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=_formats(recipe))
+    mixed = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=_formats(recipe),
+                         max_seq_length=recipe["max_seq_length"])
     _check_chat_template_field(recipe, mixed.files)
     if recipe.get("validation_path"):
         _validation_rows(recipe)
 
 
 def _validation_rows(recipe) -> list[dict]:
-    data = read_data_file(recipe["validation_path"], label="validation_path")
+    data = read_data_file(recipe["validation_path"], label="validation_path", max_seq_length=recipe["max_seq_length"])
     if data.format not in _formats(recipe):
         raise DataError(f"validation_path {data.path}: holds {data.format} rows; a {recipe['trainer']} recipe "
                         f"validates on {' or '.join(_formats(recipe))} rows.")
@@ -81,7 +82,8 @@ def training_rows(recipe) -> TrainingRows:
     """The rows the run trains and validates on, and the record of each file's part in them."""
     from datasets import Dataset  # imported here: --dry-run and --list never need it
 
-    mixed = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=_formats(recipe))
+    mixed = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=_formats(recipe),
+                         max_seq_length=recipe["max_seq_length"])
     _check_chat_template_field(recipe, mixed.files)
     order = Dataset.from_dict({"row": list(range(len(mixed.rows)))}).shuffle(seed=recipe["seed"])
     validation = None

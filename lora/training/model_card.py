@@ -12,7 +12,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from lora.training.run_record import TaskFacts, score_figures
+from lora.training.run_record import TaskFacts, format_losses, score_figures
 
 __all__ = ["card_metadata", "eval_results", "write_model_card"]
 
@@ -86,7 +86,7 @@ def write_model_card(path: Path, recipe, summary: dict, base_model_id: str,
          if recipe["dataset_path"] else
          f"- data: a mixture of {', '.join(Path(d['path']).name for d in recipe['datasets'])}, ")
         + f"prompt template `{recipe['prompt_template']}`",
-        f"- steps: {summary.get('steps')}, loss {summary.get('first_loss'):.4f} -> {summary.get('final_loss'):.4f}",
+        f"- steps: {summary.get('steps')}, loss {format_losses(summary)}",
         "",
         "Load it with peft:",
         "",

@@ -9,7 +9,6 @@ does not import eval/.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 # torch, transformers and bitsandbytes are imported inside run_recipe, so --list and --dry-run answer at once;
 # lora.models.loading installs the bitsandbytes CPU fixes before any model is built.
 from lora.core.errors import UserError
-from lora.training.run_record import TaskFacts
+from lora.training.run_record import TaskFacts, format_losses
 
 __all__ = ["RunResult", "Scoring", "TrainingError", "milestone", "recipe_notes", "run_recipe"]
 
@@ -72,20 +71,27 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
 
     `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say.
 
-    With `overwrite` over a previous run, the new run is built in a hidden sibling folder and swapped in only once
-    it has finished: a run that fails for any reason leaves the previous one exactly as it was.
+    One run writes `output_dir` at a time (a second exits 2 naming the first). With `overwrite` over a previous
+    run, or `resume` of a finished one, the new run is built in a hidden sibling folder and swapped in only once it
+    has finished: a run that fails for any reason leaves the previous one exactly as it was.
     """
     import torch
     from accelerate import PartialState
 
     from lora.adapters.attach import check_init_adapter
+    from lora.core.files import refuse_output_over_inputs
     from lora.models.source import resolve_model_source
     from lora.prompts.templates import check_template
     from lora.recipes.outputs import is_finished
+    from lora.recipes.registry import PATH_FIELDS
+    from lora.training.checkpoints import find_resume_point
     from lora.training.data_mixture import check_data_files
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
+        disk_full_error,
+        hold_output_dir,
+        on_main_process,
         plan_output_dir,
         prepare_output_dir,
     )
@@ -95,34 +101,46 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
     state = PartialState(cpu=not torch.cuda.is_available())
     check_template(recipe["prompt_template"])
-    check_data_files(recipe)  # fail on a missing file, a bad row or a wrong format before any model loads
+    # A missing file, a bad row, one too long to tokenise or a format the trainer cannot read: refused before any
+    # model loads.
+    check_data_files(recipe)
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
+    refuse_output_over_inputs(output_dir, [*((f"the recipe's {key}", recipe[key]) for key in PATH_FIELDS),
+                                           *((f"the recipe's datasets[{index}]", entry["path"])
+                                             for index, entry in enumerate(recipe["datasets"] or [])),
+                                           ("the base model folder", source.path)])
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
-    checkpoint, resume_note = resume_checkpoint(resume, output_dir)
-    if checkpoint and is_finished(output_dir):
-        check_steps_left(recipe, Path(checkpoint), output_dir)
-    # Every process reads the same folder state, so all agree on the plan; only the main process then acts on it.
-    plan = plan_output_dir(output_dir, overwrite=overwrite, resume=bool(resume),
-                                     has_checkpoint_to_resume=checkpoint is not None)
-    # A tracker not installed: exit 2 now, before any model loads. Offline logs go into the folder the run is built
-    # in (a hidden sibling under --overwrite), so they are swapped into place with the rest of the run.
-    prepare_trackers(recipe, plan.work_dir / CHECKPOINT_DIR)
-    if resume_note:
-        milestone(resume_note)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        prepare_output_dir(plan)
-    state.wait_for_everyone()
-    try:
-        return train_and_publish(recipe, source, plan, checkpoint, state, scoring)
-    except BaseException:
-        if state.is_main_process:
-            abandon_output_dir(plan)
-        raise
+    # One run per output folder, held until it has published; a swap a killed run left half done is settled first.
+    with hold_output_dir(output_dir, state) as settled:
+        for line in settled:
+            milestone(line)
+        state.wait_for_everyone()  # the folder is settled before any process reads it
+        resume_point = find_resume_point(recipe, resume, output_dir / CHECKPOINT_DIR,
+                                         finished=is_finished(output_dir))
+        # Every process reads the same folder state, so all agree on the plan; only the main process acts on it.
+        plan = plan_output_dir(output_dir, overwrite=overwrite, resume=bool(resume),
+                               has_checkpoint_to_resume=resume_point.checkpoint is not None)
+        # A tracker not installed: exit 2 now, before any model loads. Offline logs go into the folder the run is
+        # built in (a hidden sibling when replacing), so they are swapped into place with the rest of the run.
+        prepare_trackers(recipe, plan.work_dir / CHECKPOINT_DIR)
+        for note in resume_point.notes:
+            milestone(note)
+        state.wait_for_everyone()
+        on_main_process(state, lambda: prepare_output_dir(plan))
+        state.wait_for_everyone()
+        try:
+            return train_and_publish(recipe, source, plan, resume_point, state, scoring)
+        except BaseException as error:
+            disk_full = disk_full_error(error, plan) if isinstance(error, Exception) else None
+            if state.is_main_process:
+                abandon_output_dir(plan)
+            if disk_full is not None:
+                raise disk_full from None
+            raise
 
 
-def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scoring: Scoring | None) -> RunResult:
+def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scoring | None) -> RunResult:
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora.adapters.attach import attach_adapter
     from lora.adapters.folders import ADAPTER_WEIGHTS
@@ -133,6 +151,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     from lora.prompts.rows import file_sha256
     from lora.recipes.outputs import SUMMARY_FILE
     from lora.recipes.registry import REPO_ROOT
+    from lora.training.checkpoints import logged_history, restore_without_training
     from lora.training.data_mixture import encoding_report
     from lora.training.early_stopping import attach_early_stopping
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
@@ -158,8 +177,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         "git_commit": git_commit(REPO_ROOT),
     }
     # Written first, so that the folder is known as this tool's from the start (only such a folder is ever
-    # replaced). A finished run that --resume continues keeps its record until the new final files are staged.
-    if state.is_main_process and not plan.keeps_finished_record:
+    # replaced). A finished run that --resume continues is continued in a replacement: its own record stays.
+    if state.is_main_process:
         write_json_atomic(output_dir / SUMMARY_FILE, summary)
 
     milestone(f"recipe {recipe.name}: {recipe['base_model']} ({source.origin}), "
@@ -200,7 +219,14 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     milestone(f"training: {trainer.args.max_steps if trainer.args.max_steps > 0 else recipe['num_epochs']} "
               f"{'steps' if trainer.args.max_steps > 0 else 'epoch(s)'}, "
               f"batch {recipe['batch_size']} x {recipe['gradient_accumulation_steps']} accumulation")
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    checkpoint = resume_point.checkpoint
+    # The run record covers the whole run: what the checkpoint logged before this process took over, too.
+    history.losses[:0], history.eval_losses[:0] = logged_history(checkpoint)
+    if resume_point.nothing_left:
+        restore_without_training(trainer, checkpoint)
+        training_loss = None
+    else:
+        training_loss = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).training_loss
     if stopping is not None and not history.stopped_on_non_finite_loss:
         summary["early_stopping"] = stopping.publish_best(trainer)  # the best evaluated step's adapter is published
     answer_tokens = trainer.total_answer_tokens()
@@ -208,7 +234,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     if history.stopped_on_non_finite_loss:
         summary.update(status="failed", reason="non-finite loss", losses=history.losses)
         finish_tracking(trainer, summary, task_facts)
-        if plan.replaces or plan.keeps_finished_record:
+        if plan.replaces:
             kept = f"the previous run in {plan.output_dir} is unchanged"
         else:
             kept = f"checkpoints in {output_dir / CHECKPOINT_DIR} are kept"
@@ -228,7 +254,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         epochs=trainer.state.epoch,
         first_loss=history.losses[0][1] if history.losses else None,
         final_loss=history.losses[-1][1] if history.losses else None,
-        train_loss=train_output.training_loss,
+        train_loss=training_loss,
         final_validation_loss=history.eval_losses[-1][1] if history.eval_losses else None,
         tokens_seen=int(trainer.state.num_input_tokens_seen),
         answer_tokens_seen=answer_tokens,
@@ -253,8 +279,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         write_final_outputs(recipe, model, tokenizer, trainer, history, summary, output_dir, full_state, task_facts)
         finish_output_dir(plan)
     state.wait_for_everyone()
-    milestone(f"done in {summary['wall_time_seconds']:.0f} s: loss {summary['first_loss']:.4f} -> "
-              f"{summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s; adapter in "
+    speed = f"{summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else "no step trained"
+    milestone(f"done in {summary['wall_time_seconds']:.0f} s: loss {format_losses(summary)}, {speed}; adapter in "
               f"{plan.output_dir}")
     for task, after in scores_after.items():
         before = scores_before.get(task, {})
@@ -267,75 +293,6 @@ def portable_base_model_id(recipe, source) -> str:
     """What adapter_config.json names as base: the hub id, or the absolute folder when the recipe named one."""
     named_folder = (recipe.registry_path.parent / Path(recipe["base_model"]).expanduser()).resolve()
     return str(named_folder) if named_folder.is_dir() else recipe["base_model"]
-
-
-def resume_checkpoint(resume: str | None, output_dir: Path) -> tuple[str | None, str | None]:
-    """The checkpoint folder to continue from (None: step 0), and the line that tells the user so.
-
-    `auto`: the newest checkpoint of the output folder that is complete and whose files read back; each newer,
-    damaged one is skipped with a message naming its bad file. PATH: that checkpoint, which must be intact.
-
-    Raises:
-        UserError: PATH is not a complete, intact checkpoint folder.
-    """
-    from lora.training.run_folder import (
-        CHECKPOINT_DIR,
-        TRAINER_STATE_FILE,
-        checkpoint_problem,
-        is_complete_checkpoint,
-        newest_intact_checkpoint,
-    )
-
-    if not resume:
-        return None, None
-    if resume != "auto":
-        path = Path(resume).expanduser().resolve()
-        if not is_complete_checkpoint(path):
-            raise UserError(f"--resume {resume}: not a complete checkpoint folder (expected a checkpoint-<step> "
-                            f"folder holding {TRAINER_STATE_FILE}); use --resume auto for the latest one.")
-        problem = checkpoint_problem(path)
-        if problem:
-            raise UserError(f"--resume {resume}: this checkpoint cannot be resumed from: {problem}. Use --resume "
-                            "auto to continue from the newest intact checkpoint of the output folder.")
-        return str(path), f"--resume: continuing from {path}"
-    checkpoints = output_dir / CHECKPOINT_DIR
-    latest, skipped = newest_intact_checkpoint(checkpoints)
-    for line in skipped:
-        milestone(f"--resume auto: skipping damaged {line}")
-    if latest is None:
-        return None, f"--resume auto: no intact checkpoint in {checkpoints}; starting from step 0"
-    return str(latest), f"--resume auto: continuing from {latest.name}" + (" (the newest intact one)" if skipped
-                                                                            else "")
-
-
-def check_steps_left(recipe, checkpoint: Path, output_dir: Path) -> None:
-    """Refuse to resume a finished run from a checkpoint that already reaches the end the recipe asks for.
-
-    Resumed at its last step, the Trainer does not stop there: it trains one step past max_steps (seen with
-    transformers 5), and that adapter would replace the finished one. Continuing a finished run is for training it
-    further (a larger max_steps or num_epochs); with nothing left to train, the finished adapter stays as it is.
-
-    Raises:
-        UserError: naming the checkpoint's step, the recipe's end and the ways on.
-    """
-    from lora.training.run_folder import (
-        TRAINER_STATE_FILE,
-    )
-
-    trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    if recipe["max_steps"] > 0:
-        done = trainer_state.get("global_step", 0) >= recipe["max_steps"]
-        where, end, more = f"step {trainer_state.get('global_step')}", f"max_steps {recipe['max_steps']}", "max_steps"
-    else:
-        done = trainer_state.get("epoch", 0) >= recipe["num_epochs"]
-        where, end, more = f"epoch {trainer_state.get('epoch')}", f"num_epochs {recipe['num_epochs']}", "num_epochs"
-    if done:
-        raise UserError(
-            f"recipe {recipe.name}: {output_dir} holds a finished adapter and its checkpoint {checkpoint.name} is at "
-            f"{where}, where the recipe stops ({end}): there is nothing left to train, so the finished adapter is "
-            f"kept as it is. Pass --set {more}=N with a larger N to train it further, or --overwrite to train again "
-            "from step 0."
-        )
 
 
 def score_tasks(scoring, recipe, model, tokenizer, out_dir: Path, when: str) -> dict:
@@ -354,13 +311,32 @@ def score_tasks(scoring, recipe, model, tokenizer, out_dir: Path, when: str) -> 
 def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dict, output_dir: Path,
                         full_state: dict | None = None, task_facts: Mapping[str, TaskFacts] | None = None) -> None:
     """Stage every final file, then publish them with adapter_config.json last and the summary after it."""
-    from lora.core.files import write_json_atomic
-    from lora.recipes.outputs import RECIPE_FILE, SUMMARY_FILE
-    from lora.training.model_card import write_model_card
-    from lora.training.run_folder import LOSS_CURVE_FILE, TRAINER_STATE_FILE, plot_loss_curve, publish_folder
+    from lora.core.files import remove_tree, write_json_atomic
+    from lora.recipes.outputs import SUMMARY_FILE
+    from lora.training.run_folder import STAGING_PREFIX, publish_folder
 
-    staging = output_dir / f".staging-{time.time_ns()}"
+    staging = output_dir / f"{STAGING_PREFIX}{time.time_ns()}"
     staging.mkdir()
+    try:
+        _stage_final_files(recipe, model, tokenizer, trainer, history, summary, staging, full_state, task_facts)
+    except BaseException:
+        remove_tree(staging)  # a failed or interrupted staging leaves nothing behind in the run folder
+        raise
+    # The replacement is complete: from here the folder's files are being replaced, so its record stops saying
+    # "completed" (over a finished run this folder is the hidden replacement, swapped in as a whole afterwards).
+    write_json_atomic(output_dir / SUMMARY_FILE, {**summary, "status": "running"})
+    publish_folder(staging, output_dir, last="adapter_config.json")
+    write_json_atomic(output_dir / SUMMARY_FILE, summary)
+
+
+def _stage_final_files(recipe, model, tokenizer, trainer, history, summary, staging: Path, full_state,
+                       task_facts) -> None:
+    from lora.core.files import write_json_atomic
+    from lora.recipes.outputs import RECIPE_FILE
+    from lora.training.checkpoints import TRAINER_STATE_FILE
+    from lora.training.model_card import write_model_card
+    from lora.training.run_folder import LOSS_CURVE_FILE, plot_loss_curve
+
     # Only adapter weights are trained; saying so stops peft from looking the base's config up on the hub to
     # decide whether embedding layers changed (a warning on every offline save).
     # Only the trained adapter: a grpo run from init_adapter also holds TRL's frozen "ref" copy of the start.
@@ -369,11 +345,6 @@ def write_final_outputs(recipe, model, tokenizer, trainer, history, summary: dic
     write_json_atomic(staging / RECIPE_FILE, recipe.to_record())
     trainer.state.save_to_json(str(staging / TRAINER_STATE_FILE))
     plot_loss_curve(history.losses, history.eval_losses, staging / LOSS_CURVE_FILE,
-                              f"{recipe.name} ({recipe['base_model']})")
+                    f"{recipe.name} ({recipe['base_model']})")
     write_model_card(staging / "README.md", recipe, summary, model.peft_config["default"].base_model_name_or_path,
                      task_facts or {})
-    # The replacement is complete: from here the folder's files are being replaced, so its record stops saying
-    # "completed" (a finished run continued by --resume kept that record until now).
-    write_json_atomic(output_dir / SUMMARY_FILE, {**summary, "status": "running"})
-    publish_folder(staging, output_dir, last="adapter_config.json")
-    write_json_atomic(output_dir / SUMMARY_FILE, summary)

@@ -1,61 +1,60 @@
 """Everything written to `outputs/<recipe>/`, written so that a crash never leaves a folder that looks finished.
 
-Protocol: while a run is going, the folder holds `checkpoints/` and a `run_summary.json` with status "running".
-At the end every final file is written to a temporary name and renamed into place; `adapter_config.json` (the
-file that makes the folder loadable by peft) is renamed in after all the others, and only then does
-`run_summary.json` say "completed". A folder whose summary says "completed" is a finished adapter.
+Protocol: one run writes an output folder at a time (`hold_output_dir`: a lock beside it, taken by the main
+process; a second run exits 2 naming the holder). Under that lock, a replacement a killed run left half done is
+completed or undone first (lora.core.files.finish_interrupted_replacement), and the command says which.
 
-Checkpoints follow the same rule: the Trainer writes each one under `checkpoints/.incomplete/`, and once every
-process has written its part the folder is renamed to `checkpoints/checkpoint-<step>`. A `checkpoint-<step>`
-folder is therefore always complete; `--resume auto` still checks each one before using it (every file it needs
-present, safetensors/zip/JSON files readable: `checkpoint_problem`) and falls back to the newest intact one.
+While a run is going, the folder holds `checkpoints/` and a `run_summary.json` with status "running". At the end
+every final file is staged and renamed into place; `adapter_config.json` (the file that makes the folder loadable by
+peft) is renamed in after all the others, and only then does `run_summary.json` say "completed". A folder whose
+summary says "completed" is a finished adapter. Checkpoints (lora/training/checkpoints.py) appear atomically too.
 
 Replacing: `run_summary.json` is written first thing, and it is the marker of a folder this tool wrote; no other
-folder is ever written into or replaced. `--overwrite` builds the new run in a hidden sibling
-(`.<name>.overwrite`) and swaps it in only once it has finished (`move_into_place`, as merge.py publishes), so a
-run that fails leaves the previous one untouched.
+folder is ever written into or replaced. A run that replaces a finished one (`--overwrite`, or `--resume` of a
+finished run, which starts from its checkpoints and logs) is built in a hidden sibling (`.<name>.overwrite`) and
+swapped in only once it has finished (`move_into_place`, journalled): a run that fails or is killed leaves the
+previous one untouched, and a kill during the swap is completed by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lora.core.errors import OutputError
-from lora.core.files import file_problem, fsync_path, move_into_place, new_file_mode, remove_tree
+from lora.core.errors import OutputError, UserError
+from lora.core.files import finish_interrupted_replacement, move_into_place, new_file_mode, remove_tree
+from lora.core.locks import hold_output_lock
 from lora.recipes.outputs import SUMMARY_FILE, is_finished, is_run_folder, read_summary
+from lora.training.checkpoints import CHECKPOINT_STAGING_DIR, checkpoint_step
 
 __all__ = [
     "abandon_output_dir",
     "CHECKPOINT_DIR",
-    "checkpoint_problem",
-    "CHECKPOINT_REQUIRED_FILES",
-    "CHECKPOINT_STAGING_DIR",
-    "checkpoint_step",
-    "complete_checkpoints_newest_first",
+    "disk_full_error",
     "finish_output_dir",
-    "is_complete_checkpoint",
-    "latest_complete_checkpoint",
+    "hold_output_dir",
     "LOSS_CURVE_FILE",
-    "newest_intact_checkpoint",
+    "on_main_process",
     "OutputPlan",
     "plan_output_dir",
     "plot_loss_curve",
     "prepare_output_dir",
-    "publish_checkpoint",
     "publish_folder",
     "replacement_dir",
-    "SHARDED_OPTIMIZER_GLOBS",
-    "TRAINER_STATE_FILE",
+    "settle_output_dir",
+    "STAGING_PREFIX",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_STAGING_DIR = ".incomplete"
 LOSS_CURVE_FILE = "loss_curve.png"
-TRAINER_STATE_FILE = "trainer_state.json"
+STAGING_PREFIX = ".staging-"  # the final files of a run, before they are renamed into the folder
+CARRIED_OVER = (CHECKPOINT_DIR, "logs")  # what a resumed finished run starts from (lora.training.tracking.LOGS_DIR)
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,15 @@ class OutputPlan:
 
     Attributes:
         output_dir: where the finished adapter ends up.
-        work_dir: where this run writes while it goes: `output_dir` itself, or (--overwrite over an existing run) a
-            hidden sibling that replaces `output_dir` only once the new run has finished.
-        keeps_finished_record: `output_dir` holds a finished run that --resume continues; its run_summary.json
-            stays as it is until the new final files are staged.
+        work_dir: where this run writes while it goes: `output_dir` itself, or (replacing a finished run) a hidden
+            sibling that replaces `output_dir` only once the new run has finished.
+        continues_finished: `output_dir` holds a finished run that --resume continues: the replacement starts with
+            its checkpoints and tracker logs.
     """
 
     output_dir: Path
     work_dir: Path
-    keeps_finished_record: bool = False
+    continues_finished: bool = False
 
     @property
     def replaces(self) -> bool:
@@ -80,9 +79,86 @@ class OutputPlan:
 
 
 def replacement_dir(output_dir: Path) -> Path:
-    """The hidden sibling an --overwrite run is built in (a fixed name, so every process of a run agrees on it;
+    """The hidden sibling a replacing run is built in (a fixed name, so every process of a run agrees on it;
     recipe names cannot start with "." so it never is another recipe's folder)."""
     return output_dir.with_name(f".{output_dir.name}.overwrite")
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: Path, state) -> Iterator[list[str]]:
+    """Hold `output_dir` for one run, from before its folder is looked at until the run has published.
+
+    The main process takes the output's lock (lora.core.locks) and then finishes a replacement a killed run left
+    half done; the other processes of an `accelerate launch` take nothing and learn the outcome from it, so that a
+    refused run stops on every process instead of leaving some waiting at the next collective.
+
+    Args:
+        output_dir: the folder the adapter goes to.
+        state: accelerate's PartialState of this run.
+
+    Yields:
+        What was done to settle the folder (lines to print: `settle_output_dir`).
+
+    Raises:
+        OutputError: another run holds the folder (its process named), or an interrupted replacement cannot be
+            resolved without the user.
+    """
+    with contextlib.ExitStack() as stack:
+
+        def take_and_settle() -> list[str]:
+            stack.enter_context(hold_output_lock(output_dir))
+            try:
+                return settle_output_dir(output_dir)
+            except OSError as error:
+                raise OutputError(f"{error}. Nothing was changed; {output_dir} is left for you to sort out before "
+                                  "the next run.") from None
+
+        yield on_main_process(state, take_and_settle)
+
+
+def on_main_process(state, action: Callable[[], Any]) -> Any:
+    """Run `action` on the main process only and hand its result to every process; when it fails, every process
+    raises (a UserError as the same OutputError on each, a bug re-raised on the main one), so that no process is left
+    waiting at the next collective for one that stopped."""
+    outcome: list = [None, None]  # [result, why it failed]
+    failure = None
+    if state.is_main_process:
+        try:
+            outcome[0] = action()
+        except UserError as error:
+            outcome[1] = str(error)
+        except Exception as error:  # a bug: stop every process, then show its traceback
+            failure, outcome[1] = error, f"the main process failed: {error!r}"
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if outcome[1]:
+        raise OutputError(outcome[1])
+    return outcome[0]
+
+
+def settle_output_dir(output_dir: Path) -> list[str]:
+    """Finish what a killed run left half done beside `output_dir` (main process, holding the output's lock).
+
+    A replacement killed between its renames is completed (or undone when its new build is gone), and a replacement
+    folder no journal names is removed: it was never finished, so it is never published.
+
+    Returns:
+        One line per thing done, to tell the user.
+
+    Raises:
+        OSError: an interrupted replacement cannot be resolved without the user (the message says why).
+    """
+    output_dir = Path(output_dir)
+    done = [line for line in [finish_interrupted_replacement(output_dir)] if line]
+    stale = replacement_dir(output_dir)
+    if stale.is_dir() and not stale.is_symlink() and (is_run_folder(stale) or not any(stale.iterdir())):
+        remove_tree(stale)
+        done.append(f"removed {stale}, the unfinished replacement of a run that was stopped (it was never published)")
+    return done
 
 
 def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
@@ -128,14 +204,18 @@ def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
             "finished adapter is replaced only when the new run has finished), or --output-dir DIR to write "
             "elsewhere."
         )
+    if resume and finished:
+        # Built beside and swapped in like --overwrite: the finished adapter and its record stay whole until the
+        # continued run has finished (a kill at any moment leaves the one or the other, never a mix).
+        return OutputPlan(output_dir, replacement_dir(output_dir), continues_finished=True)
     if resume:
-        return OutputPlan(output_dir, output_dir, keeps_finished_record=finished)
+        return OutputPlan(output_dir, output_dir)
     if finished:
         raise OutputError(
             f"{output_dir} already holds a finished adapter. Pass --overwrite to replace it (only once the new run "
             "has finished), or --output-dir DIR to write elsewhere."
         )
-    if any((output_dir / CHECKPOINT_DIR).glob("checkpoint-*")):
+    if any(checkpoint_step(path) is not None for path in (output_dir / CHECKPOINT_DIR).glob("checkpoint-*")):
         raise OutputError(
             f"{output_dir} holds checkpoints of an interrupted run. Pass --resume auto to continue it, "
             f"or --overwrite to start again."
@@ -144,13 +224,33 @@ def plan_output_dir(output_dir: Path, *, overwrite: bool, resume: bool,
 
 
 def prepare_output_dir(plan: OutputPlan) -> None:
-    """Create the folder this run writes in (main process only); a replacement left by a killed run is cleared."""
-    if plan.replaces and plan.work_dir.exists():
-        if not is_run_folder(plan.work_dir) and any(plan.work_dir.iterdir()):
-            raise OutputError(f"{plan.work_dir} is in the way of --overwrite and was not written by this tool; "
-                              "move it away.")
-        remove_tree(plan.work_dir)  # an --overwrite run killed before it finished: never swapped in
+    """Create the folder this run writes in (main process only, holding the output's lock).
+
+    A replacement folder a killed run left was removed when the folder was settled (`settle_output_dir`); anything
+    else in its place was not written by this tool and is refused. Final files a killed run was staging are removed.
+    """
+    if plan.replaces and (plan.work_dir.exists() or plan.work_dir.is_symlink()):
+        raise OutputError(f"{plan.work_dir} is in the way of replacing {plan.output_dir} and was not written by this "
+                          "tool; move it away.")
     plan.work_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in plan.work_dir.glob(f"{STAGING_PREFIX}*"):
+        remove_tree(leftover)
+    if plan.continues_finished:
+        for name in CARRIED_OVER:
+            if (plan.output_dir / name).is_dir():
+                # Checkpoint files are never changed once written (a new checkpoint is a new folder), so they are
+                # shared by hard link; tracker logs may be appended to, so they are copied.
+                link = name == CHECKPOINT_DIR
+                shutil.copytree(plan.output_dir / name, plan.work_dir / name, symlinks=True,
+                                ignore=shutil.ignore_patterns(CHECKPOINT_STAGING_DIR),
+                                copy_function=_link_or_copy if link else shutil.copy2)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def finish_output_dir(plan: OutputPlan) -> None:
@@ -163,83 +263,58 @@ def abandon_output_dir(plan: OutputPlan) -> None:
     """After a failed run: drop an unfinished replacement, so the previous run stays exactly as it was."""
     if plan.replaces:
         remove_tree(plan.work_dir)
+    for leftover in plan.work_dir.glob(f"{STAGING_PREFIX}*") if plan.work_dir.is_dir() else []:
+        remove_tree(leftover)
 
 
-def publish_checkpoint(staging: Path, final: Path) -> None:
-    """Rename a fully written checkpoint folder into place (replacing an older one of the same step).
-
-    The files are flushed to disk first, so that after a power cut the renamed folder cannot hold empty files.
-    """
-    staging, final = Path(staging), Path(final)
-    for path in [p for p in staging.rglob("*") if p.is_file()] + [staging]:
-        fsync_path(path)
-    if final.exists():  # e.g. resumed from an older checkpoint: this step was saved once before
-        superseded = staging.parent / f"superseded-{final.name}"
-        remove_tree(superseded)
-        os.replace(final, superseded)
-        os.replace(staging, final)
-        remove_tree(superseded)
-    else:
-        os.replace(staging, final)
-    fsync_path(final.parent)
-    with contextlib.suppress(OSError):
-        staging.parent.rmdir()  # the staging folder, when no other checkpoint is being written
+_DISK_FULL_WORDS = ("no space left", "storagefull", "unexpected pos", "file write failed", "disk quota")
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a `checkpoint-<step>` folder, or None for any other name."""
-    prefix, _, step = Path(path).name.partition("-")
-    return int(step) if prefix == "checkpoint" and step.isdigit() else None
+def disk_full_error(error: BaseException, plan: OutputPlan) -> OutputError | None:
+    """The user's words for a write that failed because the disk is full (ENOSPC, or torch's and safetensors' own
+    wording of it), or None for any other error. Call it before the unfinished replacement is removed: what it
+    had written is part of the space the run needs."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    by_errno = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    by_words = any(word in str(e).lower() for e in chain for word in _DISK_FULL_WORDS)
+    if not (by_errno or by_words):
+        return None
+    folder = plan.work_dir if plan.work_dir.exists() else plan.work_dir.parent
+    usage = shutil.disk_usage(folder)
+    written = _tree_size(plan.work_dir)
+    earlier = _tree_size(plan.output_dir) if plan.replaces else 0
+    needed = max(written, earlier)
+    if not by_errno and usage.free >= max(needed, 1 << 20):
+        return None  # torch's wording alone, with room left on the disk: some other write error
+    mount = folder.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    kept = (f"the previous run in {plan.output_dir} is unchanged" if plan.replaces
+            else f"the checkpoints written so far stay in {plan.work_dir / CHECKPOINT_DIR}")
+    return OutputError(
+        f"the disk holding {plan.work_dir} (mounted at {mount}) is full: {_size(usage.free)} free of "
+        f"{_size(usage.total)}, and this run's folder needs at least {_size(needed)} "
+        f"({'what the run it replaces takes' if earlier >= written else 'what it had written when the disk filled'}"
+        f"; each checkpoint adds its adapter and optimizer state). Nothing was published and {kept}. Free space on "
+        f"that disk, or pass --output-dir on another one. ({error})"
+    )
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / TRAINER_STATE_FILE).is_file()
+def _tree_size(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
 
 
-def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete `checkpoint-<step>` folder with the highest step, or None when there is none."""
-    return next(iter(complete_checkpoints_newest_first(checkpoint_dir)), None)
-
-
-def complete_checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    candidates = [p for p in checkpoint_dir.iterdir() if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
-    return sorted(candidates, key=checkpoint_step, reverse=True)
-
-
-# What resuming reads from a checkpoint of a single-process or DDP run (FSDP/DeepSpeed keep optimizer states in
-# their own folders instead of optimizer.pt): without optimizer.pt or scheduler.pt the Trainer silently restarts
-# them, so a resume would not continue the run it claims to.
-CHECKPOINT_REQUIRED_FILES = (TRAINER_STATE_FILE, "adapter_config.json", "adapter_model.safetensors", "scheduler.pt")
-SHARDED_OPTIMIZER_GLOBS = ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*")
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a `checkpoint-<step>` folder cannot be resumed from (a missing or unreadable file), or None."""
-    checkpoint = Path(checkpoint)
-    missing = [name for name in CHECKPOINT_REQUIRED_FILES if not (checkpoint / name).is_file()]
-    if not any(any(checkpoint.glob(pattern)) for pattern in SHARDED_OPTIMIZER_GLOBS):
-        missing.append("optimizer.pt")
-    if missing:
-        return f"missing {', '.join(missing)}"
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        problem = file_problem(path)
-        if problem:
-            return problem
-    return None
-
-
-def newest_intact_checkpoint(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that can be resumed from, and one line for each newer one that cannot."""
-    skipped = []
-    for checkpoint in complete_checkpoints_newest_first(checkpoint_dir):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            return checkpoint, skipped
-        skipped.append(f"{checkpoint.name}: {problem}")
-    return None, skipped
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} bytes"
 
 
 def plot_loss_curve(losses: list[tuple[int, float]], eval_losses: list[tuple[int, float]], path: Path, title: str):

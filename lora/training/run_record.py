@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["KEY_FIGURES", "TaskFacts", "is_number", "score_figures", "tracker_figures"]
+__all__ = ["KEY_FIGURES", "TaskFacts", "format_losses", "is_number", "score_figures", "tracker_figures"]
 
 # Key figures of run_summary.json that trackers receive at the end of a run (peak memory and rewards are added).
 KEY_FIGURES = ("steps", "epochs", "first_loss", "final_loss", "train_loss", "final_validation_loss", "tokens_seen",
@@ -56,3 +56,12 @@ def tracker_figures(summary: dict, task_facts: Mapping[str, TaskFacts]) -> dict[
         for task, metrics in score_figures(summary.get(when) or {}, task_facts).items():
             figures.update({f"{when}/{task}/{metric}": value for metric, value in metrics.items()})
     return figures
+
+
+def format_losses(summary: dict) -> str:
+    """"first -> final" loss of a run record, as the model card and the last milestone say it; a run whose log holds
+    no loss (a run finished from a checkpoint at its last step logs none of its own) says so instead of failing."""
+    first, final = summary.get("first_loss"), summary.get("final_loss")
+    if not is_number(first) or not is_number(final):
+        return "not logged"
+    return f"{first:.4f} -> {final:.4f}"

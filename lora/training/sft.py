@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lora.core.files import remove_tree
 from lora.prompts.templates import IGNORE_INDEX
-from lora.training.run_folder import CHECKPOINT_STAGING_DIR, publish_checkpoint
+from lora.training.checkpoints import CHECKPOINT_STAGING_DIR, publish_checkpoint
 from lora.training.sft_data import build_collator, build_datasets
 from lora.training.tracking import hold_trackers
 
