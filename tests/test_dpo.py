@@ -106,7 +106,7 @@ def toy_pairs(count: int, seed: int) -> list[dict]:
     return rows
 
 
-TINY = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 0.05, "lr_scheduler_type": "constant",
+TINY = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 0.01, "lr_scheduler_type": "constant",
         "warmup_steps": 0, "logging_steps": 1, "batch_size": 8, "max_steps": 16, "trainer": "dpo", "beta": 0.5}
 
 
