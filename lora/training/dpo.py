@@ -165,18 +165,27 @@ class DpoHistory(TrainingHistory):
 
 
 class PreferenceLog(TrainerCallback):
-    """Keeps TRL's preference metrics in the history."""
+    """Keeps TRL's preference metrics in the history (a resumed run's from its checkpoint's log, too)."""
 
     def __init__(self, history: DpoHistory):
         self.history = history
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A run resumed from a checkpoint starts with that checkpoint's log: the record covers the whole run.
+        self.history.logged = []
+        for logs in state.log_history:
+            self._keep(logs, logs.get("step", 0))
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
+        self._keep(logs or {}, state.global_step)
+        return control
+
+    def _keep(self, logs: dict, step: int) -> None:
         if "rewards/accuracies" in logs:
-            self.history.logged.append({"step": state.global_step, **{
+            self.history.logged.append({"step": step, **{
                 key: (float(logs[key]) if logs.get(key) is not None and math.isfinite(logs[key]) else None)
                 for key in LOGGED_METRICS if key in logs}})
-        return control
 
 
 class RecipeDpoTrainer(RecipeTrainer, DPOTrainer):

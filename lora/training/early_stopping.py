@@ -5,14 +5,20 @@ The metric (`early_stopping_metric`) is the validation loss ("eval_loss", which 
 eval_steps) or an eval task's metric scored on the validation rows ("sentiment:accuracy": the harness the command
 hands in, run on the validation data instead of the task's test file). Each improvement writes the adapter's
 trainable weights to checkpoints/best-adapter/ (with early_stopping.json: the step, the value, the evaluations so
-far), so a run continued by --resume keeps its best; at the end they are loaded back before the after-training scores
-and the adapter is written. The run record's "early_stopping" says which step was best and why training stopped.
+far); at the end they are loaded back before the after-training scores and the adapter is written. The run record's
+"early_stopping" says which step was best and why training stopped.
+
+Every checkpoint carries the stopping state as it was at its step (its early-stopping/ folder: the state and the best
+weights so far, written before the checkpoint is renamed into place), and a run continued by --resume starts from
+that, not from best-adapter/: a run killed after evaluating past its last checkpoint evaluates those steps again, and
+must not count them twice.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,9 +27,10 @@ from transformers import TrainerCallback
 from lora.core.files import write_json_atomic
 from lora.recipes.data_fields import LOWER_IS_BETTER
 
-__all__ = ["BEST_ADAPTER_DIR", "EarlyStopping", "attach_early_stopping"]
+__all__ = ["BEST_ADAPTER_DIR", "CHECKPOINT_PART", "EarlyStopping", "attach_early_stopping"]
 
 BEST_ADAPTER_DIR = "best-adapter"
+CHECKPOINT_PART = "early-stopping"  # the stopping state inside each checkpoint-<step> folder
 _WEIGHTS = "trainable_weights.pt"
 _STATE = "early_stopping.json"
 
@@ -41,9 +48,33 @@ class EarlyStopping(TrainerCallback):
         self.model = None  # set by attach_early_stopping: the peft model whose trainable weights are kept
         self.state = {"metric": self.metric, "patience": self.patience, "best_step": None, "best_value": None,
                       "evaluations_without_improvement": 0, "evaluations": [], "stopped_at_step": None}
-        saved = self.folder / _STATE
-        if saved.is_file():  # a run continued by --resume: its best so far still counts
-            self.state.update(json.loads(saved.read_text()))
+
+    def restore(self, checkpoint: Path | None) -> None:
+        """Continue from the stopping state saved in `checkpoint` (a run resumed from it), or start afresh (None).
+
+        A checkpoint without the state (written before the recipe asked for early stopping) starts it afresh too.
+        """
+        part = Path(checkpoint) / CHECKPOINT_PART if checkpoint is not None else None
+        if part is None or not (part / _STATE).is_file():
+            return
+        self.state.update(json.loads((part / _STATE).read_text()))
+        self.state.update(metric=self.metric, patience=self.patience)  # the recipe's, should it have changed
+        if (part / _WEIGHTS).is_file():
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _copy_replacing(part / _WEIGHTS, self.folder / _WEIGHTS)
+            PartialState().wait_for_everyone()
+
+    def write_into_checkpoint(self, checkpoint: Path) -> None:
+        """Save the stopping state of this step into a checkpoint being written (main process; the trainer calls it
+        before the checkpoint is renamed into place, lora.training.sft.RecipeTrainer._save_checkpoint)."""
+        part = Path(checkpoint) / CHECKPOINT_PART
+        part.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(part / _STATE, self.state)
+        if self.state["best_step"] is not None:
+            _copy_replacing(self.folder / _WEIGHTS, part / _WEIGHTS)
 
     def _better(self, value: float) -> bool:
         best = self.state["best_value"]
@@ -117,12 +148,21 @@ class EarlyStopping(TrainerCallback):
         return record
 
 
-def attach_early_stopping(trainer, recipe, scoring, checkpoint_dir: Path) -> EarlyStopping | None:
+def _copy_replacing(source: Path, target: Path) -> None:
+    """Copy a file whole: a kill leaves the previous `target` or the new one, never a part."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
+def attach_early_stopping(trainer, recipe, scoring, checkpoint_dir: Path,
+                          resume_from: Path | None = None) -> EarlyStopping | None:
     """Add early stopping to a built trainer when the recipe asks for it (None otherwise).
 
     Args:
         scoring: the run's lora.training.run.Scoring, for a TASK:METRIC (scored on the validation rows).
         checkpoint_dir: the run's checkpoints folder; the best adapter is kept in its best-adapter/.
+        resume_from: the checkpoint the run continues from (its stopping state is restored), or None.
     """
     if not recipe.get("early_stopping_patience"):
         return None
@@ -130,6 +170,7 @@ def attach_early_stopping(trainer, recipe, scoring, checkpoint_dir: Path) -> Ear
     if recipe["early_stopping_metric"] != "eval_loss":
         task_score = _validation_task_score(recipe, scoring, trainer.processing_class, Path(checkpoint_dir))
     callback = EarlyStopping(recipe, checkpoint_dir, task_score=task_score)
+    callback.restore(resume_from)
     callback.model = trainer.model
     trainer.add_callback(callback)
     return callback

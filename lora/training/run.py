@@ -209,7 +209,8 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
         summary["datasets"] = data.record  # each file's sha256, rows read and rows used
     scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
     trainer, history = builder.build_recipe_trainer(recipe, model, tokenizer, data, output_dir / CHECKPOINT_DIR)
-    stopping = attach_early_stopping(trainer, recipe, scoring, output_dir / CHECKPOINT_DIR)
+    stopping = attach_early_stopping(trainer, recipe, scoring, output_dir / CHECKPOINT_DIR,
+                                     resume_from=resume_point.checkpoint)
     encoding = encoding_report(recipe, tokenizer, data)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "

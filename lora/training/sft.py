@@ -218,6 +218,11 @@ class RecipeTrainer(Trainer):
             self._checkpoint_root = None
         self.accelerator.wait_for_everyone()  # every process has written its share (e.g. rng_state_<rank>.pth)
         if self.args.should_save:
+            # Callbacks with state of their own a resumed run needs (lora.training.early_stopping) add it to the
+            # checkpoint before it is renamed into place, so that it is always the state of this very step.
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "write_into_checkpoint"):
+                    callback.write_into_checkpoint(staging_root / name)
             publish_checkpoint(staging_root / name, final_root / name)
             rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
