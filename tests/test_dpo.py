@@ -14,7 +14,7 @@ from lora.models.loading import load_tokenizer
 from lora.prompts.data_formats import read_data_file
 from lora.prompts.templates import encode_completion
 from lora.recipes.registry import resolve_recipe
-from lora.training.dpo import encode_preference
+from lora.training.dpo import encode_preference, load_training_data, preference_accuracy
 from lora.training.run import run_recipe
 
 SENTIMENT_PAIRS = REPO_ROOT / "data/preference/sentiment_train.jsonl"
@@ -110,10 +110,11 @@ TINY = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 0.0
         "warmup_steps": 0, "logging_steps": 1, "batch_size": 8, "max_steps": 16, "trainer": "dpo", "beta": 0.5}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     {"quant_bits": 4, "bnb_4bit_compute_dtype": "float32", "use_dora": True},  # fast DoRA (the default)
-    pytest.param({"quant_bits": 8, "use_dora": False}, marks=pytest.mark.slow),
-    pytest.param({"quant_bits": None, "use_dora": True, "fast_dora": False}, marks=pytest.mark.slow),
+    {"quant_bits": 8, "use_dora": False},
+    {"quant_bits": None, "use_dora": True, "fast_dora": False},  # stock peft DoRA
 ])
 def test_dpo_raises_held_out_preference_accuracy(tmp_path, tiny_model_dir, variant):
     train = write_rows(tmp_path / "pairs.jsonl", toy_pairs(96, seed=1))
@@ -133,3 +134,61 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, tiny_model_dir, varia
     assert preferences["held_out_accuracy_after"] > preferences["held_out_accuracy_before"] + 0.2, preferences
     assert summary["datasets"][0]["rows_used"] == 64 and summary["datasets"][0]["rows_read"] == 96
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_from_init_adapter_starts_from_and_is_referenced_to_the_sft_adapter(tmp_path, tiny_model_dir):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    pairs = toy_pairs(64, seed=1)
+    supervised = write_rows(tmp_path / "sft.jsonl", [{"context": row["context"], "target": row["chosen"]}
+                                                      for row in pairs])
+    train = write_rows(tmp_path / "pairs.jsonl", pairs)
+    held_out = write_rows(tmp_path / "held_out.jsonl", toy_pairs(40, seed=2))
+    common = {"base_model": str(tiny_model_dir), "quant_bits": None, "lora_r": 8, "lora_alpha": 16,
+              "lora_dropout": 0.0, "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1,
+              "batch_size": 8, "learning_rate": 0.01}
+    registry = write_registry(tmp_path, {
+        "sft": {**common, "dataset_path": str(supervised), "max_steps": 8},
+        "dpo": {**common, "trainer": "dpo", "beta": 0.5, "max_steps": 8, "dataset_path": str(train),
+                "validation_path": str(held_out), "init_adapter": "runs/sft"},  # relative to the registry
+    })
+    run_recipe(resolve_recipe("sft", registry), tmp_path / "runs" / "sft", scoring=None)
+    sft_weights = load_file(tmp_path / "runs" / "sft" / "adapter_model.safetensors")
+    recipe = resolve_recipe("dpo", registry)
+    assert recipe["init_adapter"] == str(tmp_path / "runs" / "sft")
+    result = run_recipe(recipe, tmp_path / "runs" / "dpo", scoring=None)
+    summary = json.loads((tmp_path / "runs" / "dpo" / "run_summary.json").read_text())
+
+    # The reference is a frozen copy of the SFT adapter, weight for weight, not the base.
+    model = result.model
+    assert set(model.peft_config) == {"default", "ref"}
+    reference = get_peft_model_state_dict(model, adapter_name="ref")
+    assert reference.keys() == sft_weights.keys()
+    for name, tensor in sft_weights.items():
+        assert torch.equal(reference[name], tensor), name
+    assert not any(p.requires_grad for name, p in model.named_parameters() if ".ref." in name)
+    # At the first step the policy is the reference exactly: zero rewards, loss ln 2. Against the base (which the SFT
+    # adapter is far from: it already prefers the chosen answers) the rewards would not be zero.
+    first = summary["preferences"]["history"][0]
+    assert first["step"] == 1 and first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0, first
+    assert summary["first_loss"] == pytest.approx(0.693147, abs=1e-5)
+    # The DPO run starts where SFT ended: its held-out accuracy before training is the SFT adapter's, not the base's.
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    pairs = load_training_data(recipe, tokenizer)[0].validation
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(torch.tensor([[5, 6, 7, 8]])).logits
+        base_accuracy = preference_accuracy(model, pairs, pad_id=tokenizer.pad_token_id)
+    model.set_adapter("ref")
+    with torch.no_grad():
+        sft_logits = model(torch.tensor([[5, 6, 7, 8]])).logits
+    sft_accuracy = preference_accuracy(model, pairs, pad_id=tokenizer.pad_token_id)
+    model.set_adapter("default")
+    assert (sft_logits - base_logits).abs().max() > 1e-2 and sft_accuracy != base_accuracy
+    assert summary["preferences"]["held_out_accuracy_before"] == sft_accuracy
+    # It publishes the trained "default" alone, moved from the start.
+    assert summary["init_adapter_sha256"] and summary["status"] == "completed" and summary["steps"] == 8
+    published = load_file(tmp_path / "runs" / "dpo" / "adapter_model.safetensors")
+    assert published.keys() == sft_weights.keys() and not (tmp_path / "runs" / "dpo" / "ref").exists()
+    assert any(not torch.equal(published[name], sft_weights[name]) for name in published)

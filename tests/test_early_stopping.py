@@ -37,6 +37,7 @@ def contradicting_data(tmp_path):
     return train, validation
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_publishes_the_best_step(tmp_path, tiny_model_dir):
     train, validation = contradicting_data(tmp_path)
     common = {"base_model": str(tiny_model_dir), "dataset_path": train, "quant_bits": None, "lora_dropout": 0.0,
