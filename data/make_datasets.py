@@ -4,6 +4,11 @@ Commands (any working directory):
     python data/make_datasets.py                 # rewrites data/train/*.jsonl and data/test/*.jsonl
     python data/make_datasets.py --out /tmp/d    # writes /tmp/d/train/*.jsonl and /tmp/d/test/*.jsonl
 
+Preference pairs for dpo recipes ({"context", "chosen", "rejected"}: the right answer chosen, a plausible wrong one
+rejected: another label, one entity's type swapped, a near-miss number) go to data/preference/<task>_{train,test}.jsonl,
+the test pairs (held out) from the test rows. data/chat/sentiment_train.jsonl holds the sentiment train rows as chat
+rows ({"messages": [user: context, assistant: target]}).
+
 Three tasks, each 600 train rows and 200 test rows: news sentiment (negative/neutral/positive), named-entity
 extraction (ORG/PER/LOC) and numeric questions on statement snippets. Every sentence is composed here from
 templates and vocabularies written for this project: company, broker and person names are invented, cities and
@@ -860,6 +865,36 @@ def make_calc_rows(rng: random.Random, names: Names, count: int, seen: set[str])
 # ---------------------------------------------------------------------------------------------------------------
 
 TASKS = {"sentiment": make_sentiment_rows, "entities": make_entity_rows, "calc": make_calc_rows}
+REJECTED_ENTITY_TYPES = ["ORG", "PER", "LOC"]
+
+
+def rejected_answer(task: str, target: str, context: str, rng: random.Random) -> str | None:
+    """A plausible wrong answer: another label, one entity's type swapped, or a near-miss number (5-20% off, the
+    same decimals: far outside the 1% tolerance the calc task scores with). None when the row has none."""
+    if task == "sentiment":
+        return rng.choice([label for label in SENTIMENT_LABELS if label != target])
+    if task == "entities":
+        if target == "none":
+            words = re.findall(r"\b[A-Z][a-z]{3,}\b", context.split("Input: ", 1)[1])
+            return f"{words[-1]}, {rng.choice(REJECTED_ENTITY_TYPES)}" if words else None
+        pairs = [pair.rsplit(", ", 1) for pair in target.split("; ")]
+        index = rng.randrange(len(pairs))
+        pairs[index][1] = rng.choice([kind for kind in REJECTED_ENTITY_TYPES if kind != pairs[index][1]])
+        return "; ".join(f"{name}, {kind}" for name, kind in pairs)
+    decimals = len(target.split(".", 1)[1]) if "." in target else 0
+    factor = Decimal(1) + Decimal(rng.choice([-1, 1])) * Decimal(rng.randint(5, 20)) / Decimal(100)
+    wrong = round_answer(Decimal(target) * factor, decimals)
+    return wrong if wrong != target else None
+
+
+def preference_rows(task: str, rows: list[dict], rng: random.Random) -> list[dict]:
+    """Preference pairs from a task's rows: FinLoRA's context as the prompt, the right answer chosen."""
+    pairs = []
+    for row in rows:
+        rejected = rejected_answer(task, row["target"], row["context"], rng)
+        if rejected is not None:
+            pairs.append({"context": row["context"], "chosen": row["target"], "rejected": rejected})
+    return pairs
 
 
 def build_all() -> dict[str, list[dict]]:
@@ -872,6 +907,16 @@ def build_all() -> dict[str, list[dict]]:
         files[f"train/{task}_train.jsonl"] = make_rows(random.Random(SEED + 10 * offset + 2), train_names,
                                                        TRAIN_ROWS, seen)
         files[f"test/{task}_test.jsonl"] = make_rows(random.Random(SEED + 10 * offset + 3), full, TEST_ROWS, seen)
+    for offset, task in enumerate(TASKS):
+        # Preference pairs (dpo recipes): train pairs from the train rows, held-out pairs from the test rows.
+        for split in ("train", "test"):
+            rng = random.Random(SEED + 10 * offset + (5 if split == "train" else 6))
+            files[f"preference/{task}_{split}.jsonl"] = preference_rows(task, files[f"{split}/{task}_{split}.jsonl"],
+                                                                       rng)
+    # The sentiment train rows as chat rows (a chat-format recipe on the same data as the plain one).
+    files["chat/sentiment_train.jsonl"] = [{"messages": [{"role": "user", "content": row["context"]},
+                                                         {"role": "assistant", "content": row["target"]}]}
+                                           for row in files["train/sentiment_train.jsonl"]]
     return files
 
 
@@ -891,7 +936,7 @@ def main() -> None:
     for relative, rows in build_all().items():
         write_jsonl(args.out / relative, rows)
         detail = ""
-        if "sentiment" in relative:
+        if "sentiment" in relative and relative.startswith(("train/", "test/")):
             detail = " (" + ", ".join(f"{label} {sum(r['target'] == label for r in rows)}"
                                       for label in SENTIMENT_LABELS) + ")"
         print(f"wrote {args.out / relative}: {len(rows)} rows{detail}")

@@ -12,18 +12,26 @@ Then:
     curl -s localhost:8000/v1/models
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"model": "sentiment", "prompt": "Shares rose 5%.", "max_tokens": 16, "temperature": 0}'
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "sentiment", "messages": [{"role": "user", "content": "Shares rose 5%."}], "temperature": 0}'
     curl -s localhost:8000/v1/adapters -H 'Content-Type: application/json' -d '{"name": "v2", "path": "v2"}'
     curl -s -X DELETE localhost:8000/v1/adapters/v2
 
-Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name as given to --base-model; `prompt`
-a string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), GET /v1/models,
-POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name},
-GET /health. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server keeps
-serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken or
+Endpoints: POST /v1/completions (`model` = an adapter's name or the base's name as given to --base-model; `prompt` a
+string or a list of strings; `max_tokens`; `temperature`, 0 = greedy; `top_p`; `stop`), POST /v1/chat/completions
+(`messages`: [{"role": "system"|"user"|"assistant", "content": "..."}], the other fields as above), GET /v1/models,
+POST /v1/adapters {"name", "path"} (loads onto the running base, no restart), DELETE /v1/adapters/{name}, GET
+/health. A prompt is rendered as the adapter was trained and is scored (lora.prompts.templates.encode_prompt): under
+the prompt_template of its recipe.json, so a prompt to a "chat" adapter becomes the user turn of the chat template
+(send the plain text, not a rendered chat prompt), and the base and "plain" adapters get it as written; messages are
+rendered with the tokenizer's chat template and its generation prompt for any model, the answer ending at the
+template's end of turn. Errors come back as {"error": {"message", "type", "code"}} with a 4xx status and the server
+keeps serving: 404 unknown model (the message lists the known ones) or route, 405 wrong method, 409 name taken or
 --max-adapters reached, 400 malformed JSON, a string holding a lone UTF-16 surrogate, a too-long prompt, an adapter
-path not under --adapter-root, an adapter that does not fit the base, was trained with the chat template on a base
-whose tokenizer has none, or is a DoRA adapter without (or with runtime-normalised) magnitudes, 401 no or wrong API
-key, 413 body too large, 422 a field of the wrong type, 503 queue full.
+path not under --adapter-root, a message whose role is not system/user/assistant or whose content is not a string,
+messages to a base whose tokenizer has no chat template, an adapter that does not fit the base, was trained with the
+chat template on a base whose tokenizer has none, or is a DoRA adapter without (or with runtime-normalised)
+magnitudes, 401 no or wrong API key, 413 body too large, 422 a field of the wrong type, 503 queue full.
 
 Batching: prompts arriving within --batch-window-ms share one `generate` call where peft allows it (LoRA adapters
 and the base together; each DoRA adapter on its own, since peft 0.21 refuses mixed batches with DoRA). A DoRA

@@ -16,6 +16,9 @@ import pytest
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TASKS = ["sentiment", "entities", "calc"]
 FILES = [f"{split}/{task}_{split}.jsonl" for task in TASKS for split in ("train", "test")]
+# dpo pairs and the chat copy of the sentiment train rows (their own formats: not checked as FinLoRA rows below)
+DERIVED = [f"preference/{task}_{split}.jsonl" for task in TASKS for split in ("train", "test")] + [
+    "chat/sentiment_train.jsonl"]
 SENTIMENT_LABELS = {"negative", "neutral", "positive"}
 DECIMALS_BY_RULE = {"Round to the nearest whole number.": 0, "Round to one decimal.": 1, "Round to two decimals.": 2}
 
@@ -89,6 +92,6 @@ def test_regenerating_reproduces_the_committed_files_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(DATA_DIR / "make_datasets.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.jsonl"))
-    assert written == sorted(FILES)
-    for relative in FILES:
+    assert written == sorted(FILES + DERIVED)
+    for relative in FILES + DERIVED:
         assert (tmp_path / relative).read_bytes() == (DATA_DIR / relative).read_bytes(), relative

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from lora.core.errors import RecipeError
+from lora.prompts.mixtures import dataset_specs
 from lora.recipes.registry import list_recipes, read_registry, resolve_recipe, runnable_names
 
 FINLORA_RECIPE = {
@@ -46,13 +47,13 @@ from conftest import REPO_ROOT as REPO  # noqa: E402
 def test_every_shipped_recipe_validates(name):
     recipe = resolve_recipe(name)
     assert recipe["lora_r"] > 0 and recipe["lora_alpha"] > 0
-    assert recipe["dataset_path"].startswith(str(REPO))
+    assert all(spec.path.startswith(str(REPO)) for spec in dataset_specs(recipe))
 
 
 def test_shipped_recipe_datasets_exist():
     for name in runnable_names(read_registry()[1]):
         recipe = resolve_recipe(name)
-        assert (REPO / recipe["dataset_path"]).is_file(), name
+        assert all((REPO / spec.path).is_file() for spec in dataset_specs(recipe)), name
 
 
 def test_finlora_recipe_validates_verbatim_in_finlora_layout(tmp_path):

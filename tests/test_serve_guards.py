@@ -236,12 +236,12 @@ def test_health_answers_while_a_long_prompt_is_being_tokenised(server, client, h
     tokenising, tokenised = threading.Event(), threading.Event()
     encode_prompt = host.encode_prompt
 
-    def observed_encode(text: str, max_new_tokens: int):
+    def observed_encode(text: str, max_new_tokens: int, **options):
         long = len(text) > 100_000
         if long:
             tokenising.set()
         try:
-            return encode_prompt(text, max_new_tokens)
+            return encode_prompt(text, max_new_tokens, **options)
         finally:
             if long:
                 tokenised.set()

@@ -19,7 +19,7 @@ from lora.models.loading import load_base_model, load_tokenizer
 from lora.models.quantisation import QuantisationSettings
 from lora.prompts.rows import load_rows
 from lora.recipes.registry import resolve_recipe
-from lora.serving.host import AdapterHost, GenerationRow
+from lora.serving.host import AdapterHost
 from tiny_model import build_tiny_llama, build_tiny_tokenizer
 
 SENTIMENT = REPO_ROOT / "data/train/sentiment_train.jsonl"
@@ -121,11 +121,8 @@ def server_stops(model_dir, tokenizer, template: str, tmp_path) -> set[int]:
     host = AdapterHost("base", base, load_tokenizer(str(model_dir)))
     host.load_adapter("adapter", adapter_dir)
     seen = record_generate_stops(host.model)
-    prompt = "Input: Shares rose.\nAnswer: "
-    if template == "chat":
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               tokenize=False)
-    results = host.run_batch([GenerationRow("adapter", host.encode_prompt(prompt, 2), 2)])
+    # The server renders the prompt under the adapter's template (the user turn of the chat template for "chat").
+    results = host.run_batch([host.prepare_row("adapter", "Input: Shares rose.\nAnswer: ", 2)])
     assert not isinstance(results[0], Exception), results[0]
     assert len(seen) == 1
     return seen[0]

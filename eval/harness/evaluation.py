@@ -21,8 +21,9 @@ from eval.harness.tasks import Task, TaskError, expand_task_names, infer_task, l
 from lora.core.errors import DataError
 from lora.core.provenance import library_versions
 from lora.prompts import parsing
-from lora.prompts.rows import data_file_problem, file_sha256, load_rows
-from lora.prompts.templates import check_template, encode_completion, encode_prompt
+from lora.prompts.data_formats import read_scoring_rows
+from lora.prompts.rows import data_file_problem, file_sha256
+from lora.prompts.templates import check_template, encode_completion, encode_prompt, template_for
 
 __all__ = [
     "MODES",
@@ -124,7 +125,10 @@ def score_task(model, tokenizer, task: Task, rows: list[dict], *, prompt_templat
     from lora.prompts.generation import generate_greedy, padding_token_id, stop_token_ids
 
     keep = prompt_token_budget(model, task)
-    stop_ids = stop_token_ids(tokenizer, prompt_template, getattr(model, "generation_config", None))
+    # Chat rows' prompts are conversations, rendered with the chat template whatever the adapter's template is
+    # (lora.prompts.templates.template_for): their answers end at its end of turn.
+    stop_template = template_for(rows[0]["context"], prompt_template) if rows else prompt_template
+    stop_ids = stop_token_ids(tokenizer, stop_template, getattr(model, "generation_config", None))
     pad_id = padding_token_id(tokenizer, stop_ids)
     bar = _Progress(progress, len(rows), f"{task.name} ({mode})")
     try:
@@ -210,7 +214,7 @@ def prepare_tasks(task_names: list[str], *, data_overrides: dict[str, str] | Non
                 note(f'task "{name}" skipped: no data at {path} (fetch it: python data/download.py {name}, '
                      f"or give a file: --data {name}=PATH).")
             continue
-        rows = load_rows(path)
+        rows = read_scoring_rows(path)  # FinLoRA rows, or chat rows as (conversation so far, last answer)
         task = task or infer_task(name, path, rows)
         rows = rows[:limit] if limit else rows
         task_targets(task, rows)  # a bad target fails now, not after minutes of scoring

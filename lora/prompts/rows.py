@@ -10,7 +10,9 @@ from pathlib import Path
 from lora.core.errors import DataError
 from lora.core.strict_json import JSONInputError, parse_json
 
-__all__ = ["CHARS_PER_TOKEN_BOUND", "data_file_problem", "file_sha256", "load_rows", "max_row_chars"]
+__all__ = [
+    "CHARS_PER_TOKEN_BOUND", "check_row_length", "data_file_problem", "file_sha256", "load_rows", "max_row_chars",
+]
 
 # A row whose text is longer than this many characters per token of max_seq_length is refused rather than
 # tokenised: no tokenizer packs that many characters into a token, so such a row would be cut to under 1/64 of
@@ -21,6 +23,22 @@ CHARS_PER_TOKEN_BOUND = 64
 def max_row_chars(max_seq_length: int) -> int:
     """The most characters (context + target) a training row may have under `max_seq_length`."""
     return CHARS_PER_TOKEN_BOUND * max_seq_length
+
+
+def check_row_length(length: int, max_seq_length: int, where: str) -> None:
+    """Refuse a training row of `length` characters (all its text) over `max_row_chars(max_seq_length)`.
+
+    Raises:
+        DataError: naming `where` (file:line), the length, the bound and what to do.
+    """
+    max_chars = max_row_chars(max_seq_length)
+    if length > max_chars:
+        raise DataError(
+            f"{where}: the row holds {length} characters, over the {max_chars} allowed for max_seq_length "
+            f"{max_seq_length} ({CHARS_PER_TOKEN_BOUND} characters per token; longer "
+            "rows lose all but their end to truncation, and tokenising them costs minutes and gigabytes). "
+            "Shorten or split the row, or raise max_seq_length."
+        )
 
 
 def data_file_problem(path: str | Path) -> str | None:
@@ -59,7 +77,6 @@ def load_rows(path: str | Path, *, required: tuple[str, ...] = ("context", "targ
     problem = data_file_problem(path)
     if problem:
         raise DataError(problem + ".")
-    max_chars = max_row_chars(max_seq_length) if max_seq_length is not None else None
     rows = []
     with path.open("rb") as handle:  # bytes, so that a line that is not UTF-8 can be named
         for line_number, raw_line in enumerate(handle, start=1):
@@ -87,14 +104,8 @@ def load_rows(path: str | Path, *, required: tuple[str, ...] = ("context", "targ
             if "target" in required and not row["target"].strip():
                 # An empty answer trains only the end-of-answer token and scores as nothing: a broken row.
                 raise DataError(f'{where}: "target" is empty (expected the answer text, e.g. "positive").')
-            length = sum(len(row[key]) for key in required)
-            if max_chars is not None and length > max_chars:
-                raise DataError(
-                    f"{where}: the row holds {length} characters, over the {max_chars} allowed for max_seq_length "
-                    f"{max_seq_length} ({CHARS_PER_TOKEN_BOUND} characters per token; longer "
-                    "rows lose all but their end to truncation, and tokenising them costs minutes and gigabytes). "
-                    "Shorten or split the row, or raise max_seq_length."
-                )
+            if max_seq_length is not None:
+                check_row_length(sum(len(row[key]) for key in required), max_seq_length, where)
             rows.append(row)
     if not rows:
         raise DataError(f"{path} has no rows.")

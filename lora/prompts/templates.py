@@ -9,6 +9,9 @@ Prompt templates:
 - "plain": the context as written (FinLoRA contexts end in "Answer: "), then the target and the EOS token.
 - "chat":  the context as the user turn of the tokenizer's chat template, the target as the assistant turn.
 - any string containing "{context}": the context substituted in, then the target and the EOS token.
+A context may also be a conversation (a list of {"role", "content"} messages up to the answer, as
+lora.prompts.chat.conversation_as_row gives for chat rows): it is rendered with the tokenizer's chat template and its
+generation prompt whatever the template says, since that is the prompt a chat row trains the answer after.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "boundary_report",
     "BUILTIN_TEMPLATES",
     "check_template",
+    "common_prefix_length",
     "encode_completion",
     "encode_prompt",
     "encode_prompt_text",
@@ -31,6 +35,7 @@ __all__ = [
     "IGNORE_INDEX",
     "prompt_text",
     "split_at_boundary",
+    "template_for",
 ]
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt tokens and padding
@@ -49,8 +54,15 @@ def check_template(template: str, tokenizer=None) -> None:
         )
 
 
-def prompt_text(context: str, template: str, tokenizer) -> str:
+def template_for(context, template: str) -> str:
+    """The template a row is encoded under: "chat" for a conversation context, `template` otherwise."""
+    return "chat" if isinstance(context, list) else template
+
+
+def prompt_text(context: str | list[dict], template: str, tokenizer) -> str:
     """The text the model sees before the answer."""
+    if isinstance(context, list):
+        return tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
     if template == "plain":
         return context
     if template == "chat":
@@ -123,10 +135,17 @@ def encode_text_pair(prompt: str, answer: str, tokenizer, *, add_special_tokens:
     prompt, answer = split_at_boundary(prompt, answer)
     whole = tokenizer(prompt + answer, add_special_tokens=add_special_tokens)["input_ids"]
     alone = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    start = 0
-    while start < min(len(whole), len(alone)) and whole[start] == alone[start]:
-        start += 1
+    start = common_prefix_length(alone, whole)
     return EncodedPair(input_ids=whole, answer_start=start, clean=start == len(alone))
+
+
+def common_prefix_length(part: list[int], whole: list[int]) -> int:
+    """How many leading ids of `part` (the ids of a text's beginning) agree with `whole` (the ids of the whole text):
+    where an answer starts under the one encoding rule."""
+    length = 0
+    while length < min(len(part), len(whole)) and part[length] == whole[length]:
+        length += 1
+    return length
 
 
 def encode_prompt_text(text: str, tokenizer, *, add_special_tokens: bool = True) -> list[int]:
@@ -135,14 +154,17 @@ def encode_prompt_text(text: str, tokenizer, *, add_special_tokens: bool = True)
     return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def encode_prompt(context: str, template: str, tokenizer) -> list[int]:
+def encode_prompt(context: str | list[dict], template: str, tokenizer) -> list[int]:
     """Ids a model generates an answer after: the row's prompt under `template`, trailing whitespace left out."""
+    template = template_for(context, template)
     return encode_prompt_text(prompt_text(context, template, tokenizer), tokenizer,
                               add_special_tokens=adds_special_tokens(template))
 
 
-def encode_completion(context: str, answer: str, template: str, tokenizer, *, close: bool = True) -> EncodedPair:
+def encode_completion(context: str | list[dict], answer: str, template: str, tokenizer, *,
+                      close: bool = True) -> EncodedPair:
     """A row's prompt followed by `answer` (and, when `close`, the template's end of answer), by the one rule."""
+    template = template_for(context, template)
     text = answer + (answer_suffix(template, tokenizer) if close else "")
     return encode_text_pair(prompt_text(context, template, tokenizer), text, tokenizer,
                             add_special_tokens=adds_special_tokens(template))

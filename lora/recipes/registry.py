@@ -23,6 +23,7 @@ import jsonschema
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
 from lora.core.strict_json import JSONInputError, parse_json, schema_validator
+from lora.recipes.data_fields import data_field_problems
 from lora.recipes.quantisation_fields import other_width_problems
 from lora.recipes.trainers import trainer_problems
 
@@ -350,6 +351,7 @@ def _cross_field_problems(
     if fields.get("max_steps", -1) == 0:
         problems.append('field "max_steps": 0 would train nothing (use -1 for num_epochs, or a positive count)')
     problems.extend(trainer_problems(fields, given))
+    problems.extend(data_field_problems(fields, given, EVAL_TASKS_PATH))
     return problems
 
 
@@ -438,14 +440,18 @@ def _resolve(view: _RegistryView, name: str, overrides: list[str] | None = None)
     # The memoised layers are shared by every recipe extending them: the recipe gets its own lists and objects.
     resolved.update({key: _copied(value) for key, value in fields.items()})
     problems.extend(_cross_field_problems(resolved, given, quant_fields, spellings))
-    for key in PATH_FIELDS:
-        if isinstance(resolved.get(key), str) and resolved[key]:
-            path = _resolve_path(registry_path.parent / Path(resolved[key]).expanduser())
+    # Paths resolve against the registry's folder: the one-file fields and each entry of a `datasets` mixture.
+    path_holders = [(key, resolved, key) for key in PATH_FIELDS]
+    path_holders += [(f"datasets[{index}].path", entry, "path") for index, entry in
+                     enumerate(resolved.get("datasets") or []) if isinstance(entry, dict)]
+    for label, holder, key in path_holders:
+        if isinstance(holder.get(key), str) and holder[key]:
+            path = _resolve_path(registry_path.parent / Path(holder[key]).expanduser())
             if path is None:
-                problems.append(f'field "{key}": {resolved[key]} is a symlink loop (a link that leads back to itself, '
+                problems.append(f'field "{label}": {holder[key]} is a symlink loop (a link that leads back to itself, '
                                 "directly or through others); point it at the real file or folder")
             else:
-                resolved[key] = str(path)
+                holder[key] = str(path)
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise RecipeError(f'recipe "{name}" in {registry_path} has {len(problems)} problem(s):\n{listing}')
@@ -476,7 +482,8 @@ def list_recipes(registry: Path | str | None = None) -> list[dict[str, Any]]:
                 "quant": f"{recipe['quant_bits']}-bit" if recipe.quantised else recipe["dtype"],
                 "adapter": "DoRA" if recipe["use_dora"] else "LoRA",
                 "rank": recipe["lora_r"],
-                "dataset": _display_path(recipe["dataset_path"], view.path.parent),
+                "dataset": (_display_path(recipe["dataset_path"], view.path.parent) if recipe["dataset_path"]
+                            else f"{len(recipe['datasets'])} datasets (mixture)"),
             }
         )
     return rows

@@ -52,12 +52,15 @@ class TrainerRules:
             the names the user set (not defaults); each problem names its field.
         misplaced: the problem with one of `fields` set in the recipe of a trainer that does not accept it,
             `misplaced(key, value, fields, accepting_trainers)`, or None when that value is harmless there.
+        data_formats: the data formats (lora/prompts/data_formats.py) its training rows may be in; a file in another
+            format stops the run before any model loads.
     """
 
     name: str
     fields: tuple[str, ...] = ()
     check: Check = _no_problems
     misplaced: Misplaced = _only_for
+    data_formats: tuple[str, ...] = ("finlora",)
 
 
 # ---- sft ----------------------------------------------------------------------------------------------------------
@@ -66,14 +69,15 @@ def _sft_field_elsewhere(key: str, value: Any, fields: Mapping[str, Any], accept
     # Their off values (no validation set, no packing) say nothing, so a shared base may set them for every recipe.
     if not value:
         return None
-    return (f'field "{key}" applies to sft recipes only; a {fields.get("trainer")} recipe is scored by its rewards '
-            "and eval_tasks (drop it)")
+    return (f'field "{key}" applies to {" and ".join(accepting)} recipes only; a {fields.get("trainer")} recipe is '
+            "scored by its rewards and eval_tasks (drop it)")
 
 
 SFT = TrainerRules(
     name="sft",
     fields=("validation_path", "validation_split", "eval_steps", "packing"),
     misplaced=_sft_field_elsewhere,
+    data_formats=("finlora", "messages"),
 )
 
 
@@ -116,9 +120,29 @@ GRPO = TrainerRules(
 )
 
 
+# ---- dpo ----------------------------------------------------------------------------------------------------------
+
+def _dpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    """DPO trains on pairs: an explicitly declared data format other than preference cannot work."""
+    problems = []
+    for index, entry in enumerate(fields.get("datasets") or []):
+        if isinstance(entry, dict) and entry.get("format") not in (None, "auto", "preference"):
+            problems.append(f'field "datasets[{index}]": a dpo recipe trains on preference rows ({{"prompt", '
+                            f'"chosen", "rejected"}}), not "format": "{entry.get("format")}"')
+    return problems
+
+
+DPO = TrainerRules(
+    name="dpo",
+    fields=("validation_path", "validation_split", "eval_steps", "beta", "loss_type"),
+    check=_dpo_problems,
+    data_formats=("preference",),
+)
+
+
 # ---- the table ----------------------------------------------------------------------------------------------------
 
-TRAINERS: dict[str, TrainerRules] = {rules.name: rules for rules in (SFT, GRPO)}
+TRAINERS: dict[str, TrainerRules] = {rules.name: rules for rules in (SFT, GRPO, DPO)}
 
 
 def trainer_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:

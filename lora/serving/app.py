@@ -11,7 +11,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -35,7 +35,6 @@ from lora.serving.host import (
     AdapterHost,
     AdapterLimitError,
     BadRequestError,
-    GenerationRow,
     ServedAdapter,
     UnknownModelError,
 )
@@ -44,6 +43,8 @@ __all__ = [
     "AdapterLoadRequest",
     "check_port_free",
     "LONE_SURROGATE",
+    "ChatCompletionRequest",
+    "ChatMessage",
     "CompletionRequest",
     "create_app",
     "DEFAULT_ADAPTER_ROOT",
@@ -58,7 +59,8 @@ MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4
 # The registry's outputs folder (where lora/finetune.py writes adapters) is what clients may load from by default.
 DEFAULT_ADAPTER_ROOT = outputs_root(DEFAULT_REGISTRY)
-ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
+ROUTES = ("GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/adapters, "
+          "DELETE /v1/adapters/{name}")
 _STATUS_BY_ERROR = {UnknownModelError: 404, AdapterConflictError: 409, AdapterLimitError: 409, ServerBusyError: 503}
 LONE_SURROGATE = "lone_surrogate"  # the problem type of a string that is not text (answered 400, not 422)
 
@@ -101,17 +103,64 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_sequences(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > MAX_STOP_SEQUENCES or any(not sequence for sequence in stops):
-            raise ValueError(f"give at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
-        return stop
+        return _checked_stop(stop)
 
     @field_validator("stream")
     @classmethod
     def _no_streaming(cls, stream):
-        if stream:
-            raise ValueError("streaming is not supported; send stream: false")
-        return stream
+        return _checked_stream(stream)
+
+
+def _checked_stop(stop):
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES or any(not sequence for sequence in stops):
+        raise ValueError(f"give at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
+    return stop
+
+
+def _checked_stream(stream):
+    if stream:
+        raise ValueError("streaming is not supported; send stream: false")
+    return stream
+
+
+class ChatMessage(BaseModel):
+    """One message of POST /v1/chat/completions. Its role and content are checked by the rule chat rows are
+    (lora.prompts.chat.check_conversation: system, user or assistant; a string) and refused with a 400 naming them."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Any
+    content: Any
+
+    @field_validator("role", "content")
+    @classmethod
+    def _text_when_a_string(cls, value):
+        return _whole_text(value) if isinstance(value, str) else value
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions (OpenAI's fields that this server implements; any other field is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Text
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 completion per request is supported")
+    stream: bool = Field(False, description="streaming is not supported")
+    user: Text | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop):
+        return _checked_stop(stop)
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream):
+        return _checked_stream(stream)
 
 
 class AdapterLoadRequest(BaseModel):
@@ -211,37 +260,51 @@ def create_app(host: AdapterHost, *, adapter_root: str | Path, api_key: str | No
         await batcher.call_on_model_thread(host.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @app.post("/v1/completions")
-    async def complete(body: CompletionRequest):
+    async def generate(body, prompts: list) -> tuple[list[tuple[str, str]], dict]:
+        """(text, finish_reason) per prompt, and the usage figures: the part both completion routes share."""
         host.require_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         # Off the event loop: a long prompt takes seconds to tokenise, and /health and every other client wait
-        # for the loop.
-        rows = [
-            GenerationRow(body.model, await run_in_threadpool(host.encode_prompt, prompt, body.max_tokens),
-                          body.max_tokens, body.temperature, body.top_p)
-            for prompt in prompts
-        ]
+        # for the loop. The prompt is rendered as the model was trained (its recipe's prompt_template).
+        rows = [await run_in_threadpool(host.prepare_row, body.model, prompt, body.max_tokens, body.temperature,
+                                        body.top_p) for prompt in prompts]
         generated = await batcher.generate(rows)
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        choices = []
-        for index, result in enumerate(generated):
+        answers = []
+        for result in generated:
             text, stopped = _cut_at_stop(host.decode(result.token_ids), stops)
-            finish_reason = "stop" if stopped else result.finish_reason
-            choices.append({"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None})
+            answers.append((text, "stop" if stopped else result.finish_reason))
         prompt_tokens = sum(len(row.prompt_ids) for row in rows)
         completion_tokens = sum(len(result.token_ids) for result in generated)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return answers, usage
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        answers, usage = await generate(body, prompts)
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": body.model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+                        for index, (text, finish_reason) in enumerate(answers)],
+            "usage": usage,
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_complete(body: ChatCompletionRequest):
+        messages = [{"role": message.role, "content": message.content} for message in body.messages]
+        [(text, finish_reason)], usage = await generate(body, [messages])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage,
         }
 
     return app

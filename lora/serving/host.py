@@ -13,6 +13,11 @@ How rows are grouped into `generate` calls (peft 0.21.2):
 Left padding, the `generate` call and the cut at the first stop token are lora.prompts.generation's, shared with the
 evaluation harness; where an answer ends follows the prompt template in the adapter's recipe.json ("plain" for the
 base and for adapters without one), as the harness and GRPO decide it.
+Prompts are rendered by the rule training and scoring use (lora.prompts.templates.encode_prompt): a prompt text is
+the row's context under the adapter's prompt template (a "chat" adapter gets it as the user turn of the chat
+template, a "{context}" format string gets it substituted in, "plain" and the base get it as written), and a
+conversation (OpenAI-style messages) is rendered with the tokenizer's chat template and its generation prompt
+whatever the template, its answer ending at the template's end of turn, as a chat row is trained and scored.
 DoRA's row norm ||W0 + s·BA|| depends only on weights, so it is computed once when the adapter loads (peft's
 `DoraCaching`, filled by one warm-up forward) and every later forward reuses it instead of recomputing it per token.
 """
@@ -32,8 +37,9 @@ import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
 from lora.adapters.folders import AdapterError, read_adapter_records, read_adapter_weights, refuse_if_normalised
 from lora.core.errors import UserError, did_you_mean
 from lora.models.quantisation import QuantisationSettings
+from lora.prompts.chat import check_conversation
 from lora.prompts.generation import generate_batch, padding_token_id, stop_token_ids
-from lora.prompts.templates import BUILTIN_TEMPLATES, check_template, encode_prompt_text
+from lora.prompts.templates import BUILTIN_TEMPLATES, check_template, encode_prompt, template_for
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
@@ -105,13 +111,19 @@ class ServedAdapter:
 
 @dataclass(frozen=True)
 class GenerationRow:
-    """One prompt to complete: a request with a list of prompts becomes several rows."""
+    """One prompt to complete: a request with a list of prompts becomes several rows.
+
+    Attributes:
+        stop_token_ids: the tokens its answer ends at when they are not its model's (a conversation sent to a model
+            trained on plain prompts ends at the chat template's end of turn); None: its model's.
+    """
 
     model: str
     prompt_ids: list[int]
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -335,13 +347,49 @@ class AdapterHost:
 
     # ---- generation -----------------------------------------------------------------------------------------
 
-    def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
-        """Token ids of a prompt; `BadRequestError` when empty or when prompt + completion exceed the context.
+    def prompt_template(self, model: str) -> str:
+        """The template prompts to `model` are rendered under: the adapter's (recipe.json), "plain" for the base."""
+        adapter = self.adapters.get(model)
+        return adapter.prompt_template if adapter is not None else "plain"
 
-        Encoded by the rule training uses (lora.prompts.templates): trailing whitespace is left for the completion, so
-        a prompt ending in "Answer: " is continued with the token " positive" the adapter learned, not after a lone " ".
+    def prepare_row(self, model: str, prompt: str | list[dict], max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0) -> GenerationRow:
+        """A `GenerationRow` for `prompt` to `model`, rendered and stopped by the rule training and scoring use.
+
+        Args:
+            prompt: a prompt text (the context of a row: rendered under the model's prompt template), or a
+                conversation [{"role", "content"}, ...] (rendered with the chat template and its generation prompt).
+
+        Raises:
+            UnknownModelError: `model` is not served. BadRequestError: see `encode_prompt`.
         """
-        prompt_ids = encode_prompt_text(text, self.tokenizer, add_special_tokens=True)
+        self.require_model(model)
+        own_template = self.prompt_template(model)
+        template = template_for(prompt, own_template)
+        prompt_ids = self.encode_prompt(prompt, max_new_tokens, model=model)
+        stops = None if template == own_template else self.stops_by_template[template]
+        return GenerationRow(model, prompt_ids, max_new_tokens, temperature, top_p, stop_token_ids=stops)
+
+    def encode_prompt(self, prompt: str | list[dict], max_new_tokens: int, *, model: str | None = None) -> list[int]:
+        """Token ids of a prompt to `model` (None: the base); `BadRequestError` when empty, when it cannot be rendered
+        (a conversation with an unknown role or non-text content; the chat template on a tokenizer without one) or
+        when prompt + completion exceed the context.
+
+        Encoded by the rule training uses (lora.prompts.templates.encode_prompt): the text is the context of a row
+        under the model's prompt template, and trailing whitespace is left for the completion, so a prompt ending in
+        "Answer: " is continued with the token " positive" the adapter learned, not after a lone " ".
+        """
+        template = template_for(prompt, self.prompt_template(model) if model is not None else "plain")
+        if isinstance(prompt, list):
+            try:
+                check_conversation(prompt, "the conversation", need_assistant=False)
+            except UserError as error:
+                raise BadRequestError(str(error)) from None
+        problem = _template_problem(template, self.tokenizer)
+        if problem:
+            what = "a conversation (messages)" if isinstance(prompt, list) else f'a prompt to "{model}"'
+            raise BadRequestError(f"cannot render {what} under prompt_template {template!r}: {problem}.")
+        prompt_ids = encode_prompt(prompt, template, self.tokenizer)
         if not prompt_ids:
             raise BadRequestError("the prompt is empty (it encodes to no tokens); send at least one character.")
         requested = len(prompt_ids) + max_new_tokens
@@ -392,6 +440,8 @@ class AdapterHost:
             route = adapter.name if adapter is not None and adapter.kind == "dora" else None
             top_p = row.top_p if row.temperature > 0 else 1.0  # greedy rows ignore top_p: batch them all together
             stop_ids = adapter.stop_token_ids if adapter is not None else self.stop_token_ids
+            if row.stop_token_ids is not None:
+                stop_ids = row.stop_token_ids
             calls[(route, row.temperature, top_p, stop_ids)].append(index)
         return calls
 

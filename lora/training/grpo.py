@@ -29,8 +29,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from lora.prompts.generation import stop_token_ids
+from lora.prompts.mixtures import dataset_specs, mix_datasets
 from lora.prompts.rewards import build_trl_reward, infer_labels
-from lora.prompts.rows import load_rows
 from lora.prompts.templates import adds_special_tokens, check_template, encode_prompt_text, prompt_text
 from lora.training.sft import (
     ProgressAndGuard,
@@ -221,7 +221,7 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
 def load_training_data(recipe, tokenizer) -> tuple[list[dict], str]:
     """The "grpo" entry of the trainer table (lora/training/trainers.py): the training rows, whose contexts become
     prompts and whose targets reach the rewards."""
-    rows = load_rows(recipe["dataset_path"])
+    rows = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=("finlora",)).rows
     return rows, f"{min(len(rows), recipe['max_train_examples'] or len(rows))} prompts for GRPO"
 
 

@@ -82,8 +82,10 @@ def write_model_card(path: Path, recipe, summary: dict, base_model_id: str,
         f"- adapter: {adapter}, r={recipe['lora_r']}, alpha={recipe['lora_alpha']}, dropout={recipe['lora_dropout']}"
         + (", rsLoRA" if recipe["use_rslora"] else ""),
         f"- base during training: {named_base}, {base}; weights from {summary.get('weights_from')}",
-        f"- data: {Path(recipe['dataset_path']).name} (sha256 {summary.get('dataset_sha256', '')[:12]}...), "
-        f"prompt template `{recipe['prompt_template']}`",
+        (f"- data: {Path(recipe['dataset_path']).name} (sha256 {(summary.get('dataset_sha256') or '')[:12]}...), "
+         if recipe["dataset_path"] else
+         f"- data: a mixture of {', '.join(Path(d['path']).name for d in recipe['datasets'])}, ")
+        + f"prompt template `{recipe['prompt_template']}`",
         f"- steps: {summary.get('steps')}, loss {format_losses(summary)}",
         "",
         "Load it with peft:",

@@ -81,11 +81,11 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     from lora.adapters.attach import check_init_adapter
     from lora.core.files import refuse_output_over_inputs
     from lora.models.source import resolve_model_source
-    from lora.prompts.rows import load_rows
     from lora.prompts.templates import check_template
     from lora.recipes.outputs import is_finished
     from lora.recipes.registry import PATH_FIELDS
     from lora.training.checkpoints import find_resume_point
+    from lora.training.data_mixture import check_data_files
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
@@ -101,12 +101,13 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
     state = PartialState(cpu=not torch.cuda.is_available())
     check_template(recipe["prompt_template"])
-    for key in ("dataset_path", "validation_path"):
-        if recipe[key]:
-            # A missing file, a bad row or one too long to tokenise: refused before any model loads.
-            load_rows(recipe[key], max_seq_length=recipe["max_seq_length"])
+    # A missing file, a bad row, one too long to tokenise or a format the trainer cannot read: refused before any
+    # model loads.
+    check_data_files(recipe)
     source = resolve_model_source(recipe["base_model"], relative_to=recipe.registry_path.parent)
     refuse_output_over_inputs(output_dir, [*((f"the recipe's {key}", recipe[key]) for key in PATH_FIELDS),
+                                           *((f"the recipe's datasets[{index}]", entry["path"])
+                                             for index, entry in enumerate(recipe["datasets"] or [])),
                                            ("the base model folder", source.path)])
     if recipe["init_adapter"]:
         check_init_adapter(recipe, portable_base_model_id(recipe, source))
@@ -147,11 +148,12 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
     from lora.core.provenance import git_commit, library_versions
     from lora.models.loading import load_base_model, load_tokenizer
     from lora.models.quantisation import QuantisationSettings, count_quantised_layers
-    from lora.prompts.rows import file_sha256, load_rows
-    from lora.prompts.templates import boundary_report
+    from lora.prompts.rows import file_sha256
     from lora.recipes.outputs import SUMMARY_FILE
     from lora.recipes.registry import REPO_ROOT
     from lora.training.checkpoints import logged_history, restore_without_training
+    from lora.training.data_mixture import encoding_report
+    from lora.training.early_stopping import attach_early_stopping
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
     from lora.training.sft import gathered_state_dict, peak_memory_bytes
     from lora.training.tracking import finish_tracking
@@ -166,7 +168,7 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
         "base_model": recipe["base_model"],
         "model_source": source.origin,
         "weights_from": source.provenance,
-        "dataset_sha256": file_sha256(recipe["dataset_path"]),
+        "dataset_sha256": file_sha256(recipe["dataset_path"]) if recipe["dataset_path"] else None,
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
@@ -203,9 +205,13 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
     builder = trainer_module(recipe["trainer"])
     data, description = builder.load_training_data(recipe, tokenizer)
     milestone(f"data: {description}")
+    if getattr(data, "record", None):
+        summary["datasets"] = data.record  # each file's sha256, rows read and rows used
     scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
     trainer, history = builder.build_recipe_trainer(recipe, model, tokenizer, data, output_dir / CHECKPOINT_DIR)
-    encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
+    stopping = attach_early_stopping(trainer, recipe, scoring, output_dir / CHECKPOINT_DIR,
+                                     resume_from=resume_point.checkpoint)
+    encoding = encoding_report(recipe, tokenizer, data)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
                   f"prompt and answer under prompt_template {recipe['prompt_template']!r} (the answer's first token "
@@ -222,6 +228,8 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
         training_loss = None
     else:
         training_loss = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).training_loss
+    if stopping is not None and not history.stopped_on_non_finite_loss:
+        summary["early_stopping"] = stopping.publish_best(trainer)  # the best evaluated step's adapter is published
     answer_tokens = trainer.total_answer_tokens()
 
     if history.stopped_on_non_finite_loss:
@@ -263,6 +271,8 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
     )
     if hasattr(history, "reward_record"):
         summary["rewards"] = history.reward_record()
+    if hasattr(history, "preference_record"):
+        summary["preferences"] = history.preference_record()
     # scores and key figures to the trackers, before the folder is published
     finish_tracking(trainer, summary, task_facts)
     full_state = gathered_state_dict(trainer)  # a collective under FSDP/ZeRO-3: every process calls it

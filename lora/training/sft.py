@@ -218,6 +218,11 @@ class RecipeTrainer(Trainer):
             self._checkpoint_root = None
         self.accelerator.wait_for_everyone()  # every process has written its share (e.g. rng_state_<rank>.pth)
         if self.args.should_save:
+            # Callbacks with state of their own a resumed run needs (lora.training.early_stopping) add it to the
+            # checkpoint before it is renamed into place, so that it is always the state of this very step.
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "write_into_checkpoint"):
+                    callback.write_into_checkpoint(staging_root / name)
             publish_checkpoint(staging_root / name, final_root / name)
             rotate_checkpoints(str(final_root), save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
@@ -273,15 +278,15 @@ def build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset, c
     return trainer, history
 
 
-def load_training_data(recipe, tokenizer) -> tuple[tuple, str]:
-    """The "sft" entry of the trainer table (lora/training/trainers.py): the encoded train and validation datasets,
-    and what they hold, said before any score is taken."""
-    train, validation = build_datasets(recipe, tokenizer)
-    return (train, validation), f"{len(train)} training examples" + (
-        f", {len(validation)} validation" if validation is not None else "")
+def load_training_data(recipe, tokenizer):
+    """The "sft" entry of the trainer table (lora/training/trainers.py): the encoded train and validation datasets
+    (a lora.training.data_mixture.TrainingData), and what they hold, said before any score is taken."""
+    data = build_datasets(recipe, tokenizer)
+    return data, f"{len(data.train)} training examples" + (
+        f", {len(data.validation)} validation" if data.validation is not None else "")
 
 
-def build_recipe_trainer(recipe, model, tokenizer, data: tuple, checkpoint_dir: Path):
+def build_recipe_trainer(recipe, model, tokenizer, data, checkpoint_dir: Path):
     """The "sft" entry of the trainer table: the supervised trainer on `load_training_data`'s datasets."""
     train, validation = data
     return build_trainer(recipe, model, tokenizer, train, validation, build_collator(tokenizer, recipe["packing"]),

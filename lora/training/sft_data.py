@@ -1,11 +1,16 @@
-"""Training datasets from FinLoRA rows: encoded examples (answer-only labels), the collator, validation split."""
+"""Training datasets from a recipe's rows: encoded examples (answer-only labels), the collator, validation split.
+
+FinLoRA rows train on their target (lora.prompts.templates.encode_completion); chat rows on every assistant turn
+(lora.prompts.chat.encode_conversation). Which rows: lora.training.data_mixture (dataset_path or a mixture).
+"""
 
 from __future__ import annotations
 
-from lora.prompts.rows import load_rows
+from lora.prompts.chat import encode_conversation, require_chat_template
 from lora.prompts.templates import IGNORE_INDEX, check_template, encode_completion
+from lora.training.data_mixture import TrainingData, training_rows
 
-__all__ = ["build_collator", "build_datasets", "encode_example"]
+__all__ = ["build_collator", "build_datasets", "encode_example", "encode_row"]
 
 
 def encode_example(row: dict, template: str, tokenizer, max_seq_length: int) -> dict[str, list[int]]:
@@ -19,30 +24,29 @@ def encode_example(row: dict, template: str, tokenizer, max_seq_length: int) -> 
     }
 
 
-def build_datasets(recipe, tokenizer):
-    """Tokenised train (and optional validation) `datasets.Dataset`s for a resolved recipe."""
+def encode_row(row: dict, template: str, tokenizer, max_seq_length: int, where: str = "row") -> dict[str, list[int]]:
+    """A FinLoRA row (loss on its target) or a chat row (loss on every assistant turn), encoded."""
+    if "messages" in row:
+        require_chat_template(tokenizer, where)
+        return encode_conversation(row["messages"], tokenizer, max_seq_length, where=where)
+    return encode_example(row, template, tokenizer, max_seq_length)
+
+
+def build_datasets(recipe, tokenizer) -> TrainingData:
+    """Tokenised train (and optional validation) `datasets.Dataset`s for a resolved recipe, and the per-file record."""
     from datasets import Dataset  # imported here: `--dry-run` and `--list` never need it
 
     template = recipe["prompt_template"]
     check_template(template, tokenizer)
-    limit = recipe["max_seq_length"]  # rows far longer than the context are refused, not tokenised for minutes
-    train = Dataset.from_list(load_rows(recipe["dataset_path"], max_seq_length=limit)).shuffle(seed=recipe["seed"])
+    rows = training_rows(recipe)
+    length = recipe["max_seq_length"]
+    train = Dataset.from_list([encode_row(row, template, tokenizer, length, where)
+                               for row, where in zip(rows.train, rows.train_where, strict=True)])
     validation = None
-    if recipe["validation_path"]:
-        validation = Dataset.from_list(load_rows(recipe["validation_path"], max_seq_length=limit))
-    elif recipe["validation_split"] > 0:
-        split = train.train_test_split(test_size=recipe["validation_split"], seed=recipe["seed"])
-        train, validation = split["train"], split["test"]
-    if recipe["max_train_examples"]:
-        train = train.select(range(min(recipe["max_train_examples"], len(train))))
-
-    def encode(row):
-        return encode_example(row, template, tokenizer, recipe["max_seq_length"])
-
-    train = train.map(encode, remove_columns=train.column_names)
-    if validation is not None:
-        validation = validation.map(encode, remove_columns=validation.column_names)
-    return train, validation
+    if rows.validation is not None:
+        validation = Dataset.from_list([encode_row(row, template, tokenizer, length, "validation row")
+                                        for row in rows.validation])
+    return TrainingData(train=train, validation=validation, record=rows.record, rows=rows)
 
 
 def build_collator(tokenizer, packing: bool):
