@@ -75,14 +75,12 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     With `overwrite` over a previous run, the new run is built in a hidden sibling folder and swapped in only once
     it has finished: a run that fails for any reason leaves the previous one exactly as it was.
     """
-    import torch
-    from accelerate import PartialState
-
     from lora.adapters.attach import check_init_adapter
     from lora.models.source import resolve_model_source
     from lora.prompts.rows import load_rows
     from lora.prompts.templates import check_template
     from lora.recipes.outputs import is_finished
+    from lora.training.engines import check_engine_support, detect_engine, start_processes
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
@@ -91,9 +89,11 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     )
     from lora.training.tracking import prepare_trackers
 
-    # Sets up the process group under accelerate launch / torchrun. On a machine without CUDA it must be told so
-    # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # The engine (one process, DDP, FSDP, ZeRO) from accelerate launch's environment: a recipe it cannot run exits 2
+    # here, before anything loads; then the process group (lora/training/engines.py).
+    engine = detect_engine()
+    check_engine_support(recipe, engine)
+    state = start_processes(engine)
     check_template(recipe["prompt_template"])
     for key in ("dataset_path", "validation_path"):
         if recipe[key]:
@@ -117,14 +117,15 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         prepare_output_dir(plan)
     state.wait_for_everyone()
     try:
-        return train_and_publish(recipe, source, plan, checkpoint, state, scoring)
+        return train_and_publish(recipe, source, plan, checkpoint, state, scoring, engine)
     except BaseException:
         if state.is_main_process:
             abandon_output_dir(plan)
         raise
 
 
-def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scoring: Scoring | None) -> RunResult:
+def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scoring: Scoring | None,
+                      engine=None) -> RunResult:
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora.adapters.attach import attach_adapter
     from lora.adapters.folders import ADAPTER_WEIGHTS
@@ -136,12 +137,14 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     from lora.prompts.templates import boundary_report
     from lora.recipes.outputs import SUMMARY_FILE
     from lora.recipes.registry import REPO_ROOT
+    from lora.training.engines import describe_engine, detect_engine
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
     from lora.training.sft import build_trainer, gathered_state_dict, peak_memory_bytes
     from lora.training.sft_data import build_collator, build_datasets
     from lora.training.tracking import finish_tracking
 
     started = time.perf_counter()
+    engine = engine or detect_engine()
     output_dir = plan.work_dir
     task_facts = scoring.task_facts if scoring else {}
     summary = {
@@ -154,6 +157,7 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
+        "engine": engine.to_record(),
         "auto_dtypes": recipe.auto_dtypes,
         "library_versions": library_versions(),
         "git_commit": git_commit(REPO_ROOT),
@@ -170,6 +174,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
               f"{state.num_processes} process(es)")
     for note in recipe_notes(recipe):
         milestone(f"note: {note}")
+    for line in describe_engine(recipe, engine) if engine.kind != "single" else []:
+        milestone(line)
     tokenizer = load_tokenizer(source.path, trust_remote_code=recipe["trust_remote_code"])
     model = load_base_model(source.path, QuantisationSettings.from_recipe(recipe),
                             trust_remote_code=recipe["trust_remote_code"])
