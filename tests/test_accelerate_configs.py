@@ -243,6 +243,7 @@ def test_dry_run_under_an_engine_says_what_it_will_do_and_shards_the_estimate(en
             in zero3.err)
     assert "note: the adapter is gathered onto the main process and saved whole" in zero3.err
     assert "per process, DeepSpeed ZeRO-3 x 2" in zero3.err and "1/2 per process under DeepSpeed ZeRO-3" in zero3.err
+    assert "before sharding, each process loads the whole base" in zero3.err
     # under a launcher only the main process answers
     code, other_rank = _finetune(["dora_4bit_float", "--registry", str(engine_registry), "--dry-run"],
                                  {**ZERO3_ENV, "RANK": "1"}, capsys)

@@ -84,6 +84,7 @@ class MemoryEstimate:
     tokens: int
     gradient_checkpointing: bool
     gathered: float = 0.0  # sharded weights gathered whole for the layers being computed (0 when not sharded)
+    base_weights_whole: float = 0.0  # the unsharded base, which every process loads before the engine shards it
     engine_label: str = "one process"
     num_processes: int = 1
 
@@ -320,6 +321,7 @@ def estimate_memory(recipe, shape: ModelShape, on_cuda: bool = True, engine=None
         tokens=recipe["batch_size"] * recipe["max_seq_length"],
         gradient_checkpointing=checkpointing,
         gathered=gathered,
+        base_weights_whole=base,
         engine_label=getattr(engine, "label", "one process"),
         num_processes=processes,
     )
@@ -408,6 +410,10 @@ def format_estimate(recipe, estimate: MemoryEstimate, where: str, device: tuple[
     lines += [f"  {label:<{width}}{value / GB:8.2f} GB" for label, value in rows]
     lines.append(f"  {'total':<{width}}{estimate.total / GB:8.2f} GB"
                  f"   (gradient checkpointing {other}: {estimate.total_other_setting / GB:.2f} GB)")
+    if estimate.gathered:
+        # Measured on CPU processes (README): the loading peak, not the sharded steady state, sets the peak there.
+        lines.append(f"  before sharding, each process loads the whole base ({estimate.base_weights_whole / GB:.2f} GB"
+                     " at its quantised size): budget for that peak too")
     lines.append(f"  plus the CUDA context (~{CUDA_CONTEXT_BYTES / GB:.1f} GB, outside PyTorch's allocator) on a GPU")
     name, capacity = device
     if capacity is not None:
