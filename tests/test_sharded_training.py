@@ -79,7 +79,16 @@ build_trainer = lora.training.sft.build_trainer
 def build_trainer_with_kill(*args, **kwargs):
     trainer, history = build_trainer(*args, **kwargs)
     trainer.add_callback(KillAfterCheckpoint())
+    current["trainer"] = trainer
     return trainer, history
+
+def sharding_of(trainer):
+    """What the engine did to the model: really sharded, not a silent fallback to plain data parallelism."""
+    parameters = list(trainer.model.parameters())
+    return {{"wrapped": type(trainer.model_wrapped).__name__, "fsdp": trainer.is_fsdp_enabled,
+            "deepspeed": trainer.is_deepspeed_enabled,
+            "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in parameters),
+            "zero3_parameters": sum(hasattr(p, "ds_id") for p in parameters)}}
 
 lora.training.sft.build_trainer = build_trainer_with_kill
 run_recipe = finetune.run_recipe
@@ -96,17 +105,20 @@ def run_and_dump_logits(recipe, output_dir, **kwargs):
     return result
 
 finetune.run_recipe = run_and_dump_logits
-codes = {{}}
+codes, sharding = {{}}, {{}}
 for entry in plan:
     current.clear()
     current.update(entry)
     codes[entry["name"]] = finetune.main(entry["argv"])
+    if "trainer" in current:
+        sharding[entry["name"]] = sharding_of(current["trainer"])
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
         # The runner trains one recipe per process; accelerate allows one DeepSpeed Accelerator per state.
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()
 if int(os.environ.get("RANK", "0")) == 0:
     Path(sys.argv[1]).with_suffix(".codes.json").write_text(json.dumps(codes))
+    Path(sys.argv[1]).with_suffix(".sharding.json").write_text(json.dumps(sharding))
 '''
 
 
@@ -206,6 +218,14 @@ def test_sharded_runs_match_one_process_resume_and_save_whole_adapters(registry,
             assert words in result.stderr and not (runs / name).exists()  # refused before anything was written
     assert f"[finetune] engine: {label}, 2 process(es)" in result.stdout
     trained = [name for name in RECIPES if expected_codes[name] == 0]
+    # Really sharded (accelerate 1.15 alone would have trained these configs unsharded on CPU processes).
+    sharding = json.loads((tmp_path / "runs.sharding.json").read_text())
+    for name in trained:
+        if engine == "fsdp2":
+            assert sharding[name]["fsdp"] and sharding[name]["dtensor_parameters"] > 0, sharding[name]
+        else:
+            assert sharding[name]["deepspeed"] and sharding[name]["wrapped"] == "DeepSpeedEngine", sharding[name]
+            assert (sharding[name]["zero3_parameters"] > 0) == (engine == "zero3"), sharding[name]
 
     # 2. A real kill: every process SIGKILLed once checkpoint-2 is published.
     result_killed, _ = _run_plan(tmp_path, "killed", [_entry(registry, KILLED, killed, kill_after=2)], config)
