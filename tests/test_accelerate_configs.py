@@ -188,6 +188,7 @@ def engine_registry(tmp_path_factory, tiny_model_dir):
         "dora_stock_4bit_float": {**common, **float_4bit, "use_dora": True, "fast_dora": False},
         "dora_stock_8bit": {**common, "quant_bits": 8, "use_dora": True, "fast_dora": False},
         "lora_fp32": {**common, "quant_bits": None},
+        "lora_fp32_scored": {**common, "quant_bits": None, "eval_tasks": ["sentiment"]},
     }
     path = folder / "finetune_configs.json"
     path.write_text(json.dumps(recipes))
@@ -208,6 +209,8 @@ def _finetune(argv, env, capsys):
     ("dora_stock_4bit_float", ZERO3_ENV, ['"fast_dora" false with "use_dora" true and "quant_bits" 4 under '
                                           "DeepSpeed ZeRO-3", "'Params4bit' object has no attribute 'ds_status'"]),
     ("dora_stock_8bit", ZERO3_ENV, ["'Int8Params' object has no attribute 'ds_status'", "set fast_dora true"]),
+    ("lora_fp32_scored", FSDP2_ENV, ['"eval_tasks" [\'sentiment\'] under FSDP2', "--set eval_tasks=[]"]),
+    ("lora_fp32_scored", ZERO3_ENV, ['"eval_tasks" [\'sentiment\'] under DeepSpeed ZeRO-3']),
     ("lora_fp32", FSDP1_ENV, ["FSDP version 1 trains but cannot gather the adapter", "use fsdp_version 2"]),
 ])
 def test_what_cannot_run_under_an_engine_exits_2_before_anything_loads(engine_registry, tmp_path, capsys, recipe,
@@ -223,10 +226,12 @@ def test_what_cannot_run_under_an_engine_exits_2_before_anything_loads(engine_re
     assert not out.exists()  # refused before the output folder (or any model) was touched
 
 
-# Each ran on 2 CPU processes and matched one process (tests/test_sharded_training.py, or by hand: see the README).
+# Each ran on 2 CPU processes and matched one process (tests/test_sharded_training.py, or by hand: see the README);
+# scoring under ZeRO-2, where every process holds the whole model, is DDP's (tests/test_multiprocess.py).
 @pytest.mark.parametrize("recipe, env", [("lora_8bit", ZERO2_ENV), ("lora_8bit", ZERO3_ENV),
                                          ("lora_4bit_uint8", FSDP2_ENV), ("lora_4bit_uint8", ZERO3_ENV),
-                                         ("dora_4bit_float", ZERO3_ENV), ("dora_stock_4bit_float", FSDP2_ENV)])
+                                         ("dora_4bit_float", ZERO3_ENV), ("dora_stock_4bit_float", FSDP2_ENV),
+                                         ("lora_fp32_scored", ZERO2_ENV)])
 def test_what_runs_under_an_engine_passes_the_check(engine_registry, recipe, env):
     with mock.patch.dict(os.environ, env):
         engine = detect_engine()

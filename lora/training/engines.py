@@ -120,6 +120,11 @@ def engine_problems(recipe, engine: Engine) -> list[str]:
                         f"a {bits}-bit base fails in the first backward (deepspeed 0.19.8, peft 0.21.2: "
                         f"\"'{'Params4bit' if bits == 4 else 'Int8Params'}' object has no attribute 'ds_status'\"); "
                         "set fast_dora true (this project's DoRA, same adapter files), which runs there")
+    if engine.shards_parameters and recipe["eval_tasks"]:
+        problems.append(f'"eval_tasks" {recipe["eval_tasks"]} {where}: the scores after training run on the main '
+                        "process alone, and a sharded model's forward needs every process (seen: the run aborts in a "
+                        'collective); set "eval_tasks" to [] (--set eval_tasks=[]) and score the saved adapter with '
+                        "eval/evaluate.py")
     return problems
 
 
@@ -143,8 +148,6 @@ def describe_engine(recipe, engine: Engine) -> list[str]:
                 else "every process holds the whole model")]
     if engine.shards_parameters or engine.shards_gradients:
         lines.append("the adapter is gathered onto the main process and saved whole (a standard peft adapter)")
-    if engine.shards_parameters and recipe["eval_tasks"]:
-        lines.append("eval_tasks are scored on the main process before and after training with the whole model")
     return lines
 
 
