@@ -11,7 +11,7 @@ lora/merge.py merges it. ZeRO-3 with peft's DoRA on a 4-bit base is refused with
 
 Economy: one launch runs several recipes one after another in the same two processes (PROBE below), so each engine
 costs three launches: the six full runs; a run killed after checkpoint-2; the seven resumes. Marked `sharded` (and
-slow): 18 minutes on the shared 2-core machine under load, so the default `pytest` leaves it out and .ci/run
+slow): 11 minutes on the shared 2-core machine (18 under load), so the default `pytest` leaves it out and .ci/run
 runs it in a second call (`pytest -m sharded`).
 """
 
