@@ -8,6 +8,8 @@
     python lora/finetune.py RECIPE --registry path/to/finetune_configs.json
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         lora/finetune.py RECIPE                                      # several processes (also on CPU: gloo)
+    accelerate launch --config_file accelerate_configs/fsdp_qlora_single_machine.yaml lora/finetune.py RECIPE \\
+        --dry-run                                                    # what FSDP (or ZeRO) will do with RECIPE
 
 Stages: resolve the recipe -> check data -> load base (4-bit/8-bit/unquantised) -> attach LoRA/DoRA -> score
 before -> train -> score after -> write the adapter and its run record (lora/training/run_folder.py).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("name a recipe to run (python lora/finetune.py RECIPE), or pass --list to see them.")
     recipe = resolve_recipe(args.recipe, args.registry, args.overrides)
     if args.dry_run:
+        from lora.training.engines import check_engine_support, describe_engine, detect_engine
+
+        engine = detect_engine()  # under accelerate launch: the engine its config names; exit 2 if it cannot run
+        check_engine_support(recipe, engine)
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # under a launcher the main process alone answers
         print(json.dumps(recipe.to_record(), indent=2))
         from lora.prompts.rows import data_file_problem
 
@@ -69,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {key}: {problem}; a real run would stop here.", file=sys.stderr)
         from lora.models.memory import describe_memory  # stdout stays pure JSON; the estimate goes to stderr
 
-        for note in recipe_notes(recipe):
+        for note in recipe_notes(recipe) + describe_engine(recipe, engine):
             print(f"note: {note}", file=sys.stderr)
-        print(describe_memory(recipe)[0], file=sys.stderr)
+        print(describe_memory(recipe, engine)[0], file=sys.stderr)
         return 0
     from lora.recipes.outputs import default_output_dir
 

@@ -239,9 +239,24 @@ def _row_norm(module, adapter: str, weight_times_a: torch.Tensor, weight_sq: tor
         return torch.linalg.vecdot(b, cross_and_square).add_(weight_sq).clamp_min_(0.0).sqrt_()
 
 
+def _whole_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight, refusing a sharded one: a row norm from a partition would be silently wrong.
+
+    FSDP2 and DeepSpeed ZeRO-3 hold a layer's weight whole inside the adapted layer's forward and backward, which is
+    where fast DoRA reads it (its norm and the shared dequantisation), so under them it gets the whole weight; the
+    norm cache is keyed by that tensor and the optimiser step count, so it holds only while both are unchanged.
+    """
+    weight = base_layer.weight
+    status = getattr(weight, "ds_status", None)  # a DeepSpeed ZeRO-3 parameter: gathered, or only a partition
+    if (status is not None and status.name != "AVAILABLE") or type(weight).__name__ == "DTensor":
+        raise RuntimeError(f"fast DoRA was handed a sharded base weight ({type(weight).__name__}, ZeRO-3 status "
+                           f"{status}) outside the layer's forward/backward; set fast_dora false for this engine")
+    return weight
+
+
 def _weight_times_a(base_layer: nn.Module, a_weight: torch.Tensor) -> torch.Tensor:
     """W Aᵀ in fp32, [out, r], from the weight as stored (no full dequantisation for int8)."""
-    weight = base_layer.weight
+    weight = _whole_weight(base_layer)
     with torch.no_grad():
         a = _as_fp32(a_weight)
         if weight.dtype == torch.int8:  # LLM.int8: W = diag(SCB / 127) · CB
@@ -329,7 +344,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 
 def _dequantize_fp32(base_layer: nn.Module) -> torch.Tensor:
     """The base weight [out, in] in fp32 (the stored tensor itself for an fp32 nn.Linear)."""
-    weight = base_layer.weight
+    weight = _whole_weight(base_layer)
     if weight.dtype == torch.int8:
         return bnb.functional.int8_vectorwise_dequant(weight.data, _int8_row_scales(base_layer))
     quant_state = getattr(weight, "quant_state", None)

@@ -1,6 +1,10 @@
 """Memory estimates of a recipe before any model loads: base weights at their quantised size, trainable parameters
 with their gradients and AdamW state, activations per token, and the transient peaks; `python lora/memory_estimate.py`
 and `lora/finetune.py --dry-run` print them.
+
+Under a sharding engine (FSDP, DeepSpeed ZeRO: `engine`, an object with `num_processes`, `shards_parameters`,
+`shards_gradients`, `shards_optimizer` and `label`, as lora.training.engines.Engine) each process holds 1/N of what
+is sharded, plus the whole weights of the layers being gathered for a forward or backward (`gathered`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class MemoryEstimate:
     trainable_parameters: int
     tokens: int
     gradient_checkpointing: bool
+    gathered: float = 0.0  # sharded weights gathered whole for the layers being computed (0 when not sharded)
+    base_weights_whole: float = 0.0  # the unsharded base, which every process loads before the engine shards it
+    engine_label: str = "one process"
+    num_processes: int = 1
 
 
 def model_shape_from_config(config) -> ModelShape:
@@ -274,16 +282,31 @@ def transient_bytes(recipe, shape: ModelShape) -> float:
     return largest * compute
 
 
-def estimate_memory(recipe, shape: ModelShape, on_cuda: bool = True) -> MemoryEstimate:
-    """The estimate for one process of a resolved recipe on a model of this shape (on a CUDA device, or on CPU)."""
+# FSDP gathers one wrapped decoder layer for its computation and prefetches the next; ZeRO-3 gathers module by module
+# with a prefetch bucket: about two layers' weights whole on every process.
+GATHERED_LAYERS = 2
+
+
+def estimate_memory(recipe, shape: ModelShape, on_cuda: bool = True, engine=None) -> MemoryEstimate:
+    """The estimate for one process of a resolved recipe on a model of this shape (on a CUDA device, or on CPU),
+    under `engine` (None: one process or DDP, where every process holds everything)."""
     mask_bytes = 1 if on_cuda else 4
     checkpointing = bool(recipe["gradient_checkpointing"])
     trainable = trainable_parameter_count(recipe, shape)
+    processes = max(1, getattr(engine, "num_processes", 1))
+    shard = {kind: (1 / processes if getattr(engine, f"shards_{kind}", False) else 1.0)
+             for kind in ("parameters", "gradients", "optimizer")}
+    base = base_weight_bytes(recipe, shape)
+    gathered = 0.0
+    if shard["parameters"] < 1 and shape.num_layers:
+        # the decoder layers' share of the base (embeddings and head are not in a layer), two of them whole
+        layers_share = base * (1 - shape.other_parameters / max(1, _parameter_count(shape)))
+        gathered = min(GATHERED_LAYERS, shape.num_layers) * layers_share / shape.num_layers * (1 - shard["parameters"])
     parts = {
-        "base_weights": base_weight_bytes(recipe, shape),
-        "adapter_states": BYTES_PER_TRAINABLE_PARAMETER * trainable,
+        "base_weights": base * shard["parameters"],
+        "adapter_states": trainable * (4 * shard["parameters"] + 4 * shard["gradients"] + 8 * shard["optimizer"]),
         "activations": activation_bytes(recipe, shape, checkpointing, mask_bytes),
-        "transient": transient_bytes(recipe, shape),
+        "transient": transient_bytes(recipe, shape) + gathered,
     }
     other_activations = activation_bytes(recipe, shape, not checkpointing, mask_bytes)
     subtotal = sum(parts.values())
@@ -297,7 +320,15 @@ def estimate_memory(recipe, shape: ModelShape, on_cuda: bool = True) -> MemoryEs
         trainable_parameters=trainable,
         tokens=recipe["batch_size"] * recipe["max_seq_length"],
         gradient_checkpointing=checkpointing,
+        gathered=gathered,
+        base_weights_whole=base,
+        engine_label=getattr(engine, "label", "one process"),
+        num_processes=processes,
     )
+
+
+def _parameter_count(shape: ModelShape) -> int:
+    return sum(layer.in_features * layer.out_features for layer in shape.linears) + shape.other_parameters
 
 
 def load_model_config(recipe):
@@ -363,19 +394,26 @@ def format_estimate(recipe, estimate: MemoryEstimate, where: str, device: tuple[
     checkpointing = "on" if estimate.gradient_checkpointing else "off"
     other = "off" if estimate.gradient_checkpointing else "on"
     quant = f"{recipe['quant_bits']}-bit" if recipe.quantised else recipe["dtype"]
+    sharded = f", 1/{estimate.num_processes} per process under {estimate.engine_label}" if estimate.gathered else ""
     rows = [
-        (f"base weights ({quant})", estimate.base_weights),
+        (f"base weights ({quant}{sharded})", estimate.base_weights),
         (f"adapter + grads + AdamW ({estimate.trainable_parameters / 1e6:.2f} M trainable)", estimate.adapter_states),
         (f"activations ({recipe['batch_size']} x {recipe['max_seq_length']} tokens, checkpointing {checkpointing})",
          estimate.activations),
-        ("transient (one dequantised weight)", estimate.transient),
+        ("transient (one dequantised weight" + (f", {GATHERED_LAYERS} layers gathered whole)" if estimate.gathered
+                                                else ")"), estimate.transient),
         (f"framework overhead ({FRAMEWORK_OVERHEAD:.0%})", estimate.framework_overhead),
     ]
     width = max(len(label) for label, _ in rows) + 2
-    lines = [f"memory estimate for {recipe.name} per process (model config from {where}):"]
+    engine = f", {estimate.engine_label} x {estimate.num_processes}" if estimate.num_processes > 1 else ""
+    lines = [f"memory estimate for {recipe.name} per process{engine} (model config from {where}):"]
     lines += [f"  {label:<{width}}{value / GB:8.2f} GB" for label, value in rows]
     lines.append(f"  {'total':<{width}}{estimate.total / GB:8.2f} GB"
                  f"   (gradient checkpointing {other}: {estimate.total_other_setting / GB:.2f} GB)")
+    if estimate.gathered:
+        # Measured on CPU processes (README): the loading peak, not the sharded steady state, sets the peak there.
+        lines.append(f"  before sharding, each process loads the whole base ({estimate.base_weights_whole / GB:.2f} GB"
+                     " at its quantised size): budget for that peak too")
     lines.append(f"  plus the CUDA context (~{CUDA_CONTEXT_BYTES / GB:.1f} GB, outside PyTorch's allocator) on a GPU")
     name, capacity = device
     if capacity is not None:
@@ -392,8 +430,9 @@ def format_estimate(recipe, estimate: MemoryEstimate, where: str, device: tuple[
     return "\n".join(lines)
 
 
-def describe_memory(recipe) -> tuple[str, MemoryEstimate | None]:
-    """The estimate as printable text (and the numbers), or a one-line note when the config is unknown."""
+def describe_memory(recipe, engine=None) -> tuple[str, MemoryEstimate | None]:
+    """The estimate as printable text (and the numbers), or a one-line note when the config is unknown; `engine`
+    as in `estimate_memory`."""
     config, where = load_model_config(recipe)
     if config is None:
         return f"memory estimate: not available: {where}.", None
@@ -403,5 +442,5 @@ def describe_memory(recipe) -> tuple[str, MemoryEstimate | None]:
         note = f"cannot build {type(config).__name__} on the meta device ({error})"
         return f"memory estimate: not available: {note}.", None
     device = detected_device_memory()
-    estimate = estimate_memory(recipe, shape, on_cuda=device[0].startswith("CUDA"))
+    estimate = estimate_memory(recipe, shape, on_cuda=device[0].startswith("CUDA"), engine=engine)
     return format_estimate(recipe, estimate, where, device), estimate

@@ -75,9 +75,6 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     run, or `resume` of a finished one, the new run is built in a hidden sibling folder and swapped in only once it
     has finished: a run that fails for any reason leaves the previous one exactly as it was.
     """
-    import torch
-    from accelerate import PartialState
-
     from lora.adapters.attach import check_init_adapter
     from lora.core.files import refuse_output_over_inputs
     from lora.models.source import resolve_model_source
@@ -86,6 +83,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     from lora.recipes.registry import PATH_FIELDS
     from lora.training.checkpoints import find_resume_point
     from lora.training.data_mixture import check_data_files
+    from lora.training.engines import check_engine_support, detect_engine, start_processes
     from lora.training.run_folder import (
         CHECKPOINT_DIR,
         abandon_output_dir,
@@ -97,9 +95,11 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
     )
     from lora.training.tracking import prepare_trackers
 
-    # Sets up the process group under accelerate launch / torchrun. On a machine without CUDA it must be told so
-    # (as TrainingArguments(use_cpu=True) does later); a bare PartialState() there makes every rank a main process.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # The engine (one process, DDP, FSDP, ZeRO) from accelerate launch's environment: a recipe it cannot run exits 2
+    # here, before anything loads; then the process group (lora/training/engines.py).
+    engine = detect_engine()
+    check_engine_support(recipe, engine)
+    state = start_processes(engine)
     check_template(recipe["prompt_template"])
     # A missing file, a bad row, one too long to tokenise or a format the trainer cannot read: refused before any
     # model loads.
@@ -130,7 +130,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         on_main_process(state, lambda: prepare_output_dir(plan))
         state.wait_for_everyone()
         try:
-            return train_and_publish(recipe, source, plan, resume_point, state, scoring)
+            return train_and_publish(recipe, source, plan, resume_point, state, scoring, engine)
         except BaseException as error:
             disk_full = disk_full_error(error, plan) if isinstance(error, Exception) else None
             if state.is_main_process:
@@ -140,7 +140,8 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
             raise
 
 
-def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scoring | None) -> RunResult:
+def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scoring | None,
+                      engine=None) -> RunResult:
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora.adapters.attach import attach_adapter
     from lora.adapters.folders import ADAPTER_WEIGHTS
@@ -154,12 +155,14 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
     from lora.training.checkpoints import logged_history, restore_without_training
     from lora.training.data_mixture import encoding_report
     from lora.training.early_stopping import attach_early_stopping
+    from lora.training.engines import describe_engine, detect_engine
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
     from lora.training.sft import gathered_state_dict, peak_memory_bytes
     from lora.training.tracking import finish_tracking
     from lora.training.trainers import trainer_module
 
     started = time.perf_counter()
+    engine = engine or detect_engine()
     output_dir = plan.work_dir
     task_facts = scoring.task_facts if scoring else {}
     summary = {
@@ -172,6 +175,7 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
         "init_adapter_sha256": (file_sha256(Path(recipe["init_adapter"]) / ADAPTER_WEIGHTS)
                                 if recipe["init_adapter"] else None),
         "world_size": state.num_processes,
+        "engine": engine.to_record(),
         "auto_dtypes": recipe.auto_dtypes,
         "library_versions": library_versions(),
         "git_commit": git_commit(REPO_ROOT),
@@ -188,6 +192,8 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
               f"{state.num_processes} process(es)")
     for note in recipe_notes(recipe):
         milestone(f"note: {note}")
+    for line in describe_engine(recipe, engine) if engine.kind != "single" else []:
+        milestone(line)
     tokenizer = load_tokenizer(source.path, trust_remote_code=recipe["trust_remote_code"])
     model = load_base_model(source.path, QuantisationSettings.from_recipe(recipe),
                             trust_remote_code=recipe["trust_remote_code"])

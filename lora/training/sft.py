@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from lora.core.files import remove_tree
 from lora.prompts.templates import IGNORE_INDEX
 from lora.training.checkpoints import CHECKPOINT_STAGING_DIR, publish_checkpoint
+from lora.training.engines import trainer_device_arguments
 from lora.training.sft_data import build_collator, build_datasets
 from lora.training.tracking import hold_trackers
 
@@ -61,7 +62,7 @@ def shared_trainer_arguments(recipe, checkpoint_dir: Path) -> dict:
         save_strategy="steps" if recipe["save_steps"] else "no",
         save_steps=recipe["save_steps"] or 500,
         save_total_limit=recipe["save_total_limit"],
-        use_cpu=not torch.cuda.is_available(),
+        **trainer_device_arguments(),  # use_cpu, and FSDP/ZeRO on CPU processes (lora/training/engines.py)
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         report_to=recipe["report_to"],  # lora.training.tracking keeps these offline and logs the run record at the end
