@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from eval.harness import metrics
 from eval.harness.tasks import TaskError, expand_task_names, infer_task, load_tasks, read_task_registry
@@ -36,8 +36,23 @@ def test_classification_scores_match_sklearn(seed, with_unparsed):
     for average in ("weighted", "macro"):
         expected = f1_score(targets, sk_predictions, labels=in_play, average=average, zero_division=0)
         assert ours[f"{average}_f1"] == pytest.approx(expected)
-    per_label = f1_score(targets, sk_predictions, labels=in_play, average=None, zero_division=0)
-    assert [ours["per_label"][label]["f1"] for label in in_play] == pytest.approx(list(per_label))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, sk_predictions, labels=in_play, average=None, zero_division=0
+    )
+    for index, label in enumerate(in_play):
+        scores = ours["per_label"][label]
+        assert scores["precision"] == pytest.approx(precision[index]), label
+        assert scores["recall"] == pytest.approx(recall[index]), label
+        assert scores["f1"] == pytest.approx(f1[index]), label
+        assert scores["support"] == support[index], label
+
+
+def test_per_label_precision_and_recall_are_not_interchangeable():
+    # "positive": predicted 3 times, right once (precision 1/3); 2 true rows, 1 found (recall 1/2)
+    targets = ["positive", "positive", "negative", "negative"]
+    predictions = ["positive", "negative", "positive", "positive"]
+    scores = metrics.per_label_f1(targets, predictions, ["positive", "negative"])["positive"]
+    assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 2)
 
 
 def test_absent_labels_do_not_drag_macro_f1():
@@ -70,6 +85,21 @@ def test_token_f1():
     assert metrics.token_f1("net income", "net income") == 1.0
     assert metrics.token_f1("net income attributable", "net income") == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
     assert metrics.token_f1("revenue", None) == 0.0
+    assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("", "revenue") == 0.0
+    # case and whitespace do not matter; repeated words count as often as they occur in both
+    assert metrics.token_f1("Net  Income", "net income") == 1.0
+    assert metrics.token_f1("a a b", "a c") == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+
+
+def test_text_scores_are_exact_match_accuracy_and_the_mean_token_f1_over_examples():
+    targets = ["net income", "revenue", "total assets", "cash"]
+    predictions = ["net income", "net revenue", None, "cash"]
+    scores = metrics.text_scores(targets, predictions)
+    overlaps = [metrics.token_f1(t, p) for t, p in zip(targets, predictions)]
+    assert overlaps == pytest.approx([1.0, 2 / 3, 0.0, 1.0])
+    assert scores["accuracy"] == pytest.approx(2 / 4)
+    assert scores["token_f1"] == pytest.approx(sum(overlaps) / 4)  # the mean, neither the max nor the sum
+    assert metrics.text_scores([], []) == {"accuracy": 0.0, "token_f1": 0.0}
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,10 @@ def _model_ids(client) -> list[str]:
 ROUTES = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/adapters"),
           ("DELETE", "/v1/adapters/lora"), ("GET", "/no/such/route")]
 BAD_CREDENTIALS = [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEY}"},
-                   {"Authorization": KEY}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"}]
+                   {"Authorization": KEY}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"},
+                   # only the whole key opens the server: never a prefix, a suffix or the key in another case
+                   {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY[:1]}"},
+                   {"Authorization": f"Bearer {KEY[1:]}"}, {"Authorization": f"Bearer {KEY.upper()}"}]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
