@@ -86,3 +86,17 @@ def test_packed_batch_gives_the_same_loss_as_padded(tiny_model_dir, tokenizer):
         n = len(feature["input_ids"])
         torch.testing.assert_close(packed_logits[0, offset:offset + n], padded_logits[i, :n], atol=1e-5, rtol=1e-4)
         offset += n
+
+    # The loss targets are the same: each example's answer tokens, nothing at the seams between examples (the last
+    # token of one example never learns to predict the first token of the next) and nothing in the padding.
+    def targets(labels):  # the tokens the loss learns, row by row, after the causal shift
+        return [int(token) for row in labels[:, 1:] for token in row[row != IGNORE_INDEX]]
+
+    padded_targets, packed_targets = targets(padded["labels"]), targets(packed["labels"])
+    assert packed_targets == padded_targets == [t for f in features for t in f["labels"] if t != IGNORE_INDEX]
+    with torch.no_grad():
+        padded_loss = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                            labels=padded["labels"]).loss
+        packed_loss = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                            labels=packed["labels"]).loss
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
