@@ -283,6 +283,17 @@ def test_sampled_completions_are_served(client):
     assert 0 < response.json()["usage"]["completion_tokens"] <= 2 * MAX_TOKENS
 
 
+def test_temperature_above_zero_samples_and_zero_is_greedy(client):
+    # The tiny random model spreads its probability over hundreds of tokens: 8 samples of the same prompt agree
+    # on every token only if the server does not sample at all. Greedy answers are one answer, always.
+    prompts = [PROMPTS[0]] * 8
+    for temperature in (0.7, 1.5):
+        sampled = _texts(_complete(client, "lora", prompt=prompts, temperature=temperature))
+        assert len(set(sampled)) > 1, sampled
+    greedy = _texts(_complete(client, "lora", prompt=prompts, temperature=0))
+    assert len(set(greedy)) == 1 and greedy[0] == _texts(_complete(client, "lora", prompt=PROMPTS[0]))[0]
+
+
 def test_base_comes_from_the_first_adapter_when_not_given(tiny_model_dir, adapters):
     name, path, _ = resolve_served_base(None, [("dora", adapters["dora"]), ("lora", adapters["lora"])])
     assert name == str(tiny_model_dir) and Path(path) == Path(tiny_model_dir).resolve()
