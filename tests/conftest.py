@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(config, items):
     # GPU_TESTS_ON_CPU=1 runs the gpu tests on CPU as a smoke test of their code (bench/gpu_check.sh --dry-run).
     if torch.cuda.is_available() or os.environ.get("GPU_TESTS_ON_CPU") == "1":
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: runs on a machine with one (bench/gpu_check.sh); "
+                                       "GPU_TESTS_ON_CPU=1 runs its code on CPU as a smoke test")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
