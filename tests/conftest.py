@@ -32,6 +32,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Kept on the test item so that fixtures can tell, at teardown, whether their test failed (serving_helpers).
+    report = yield
+    item.__dict__.setdefault("phase_reports", {})[report.when] = report
+    return report
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -198,3 +198,46 @@ def test_ad_hoc_tasks_are_inferred_from_their_targets(tmp_path):
     assert infer_task("n", tmp_path / "n.jsonl", numbers).kind == "numeric"
     text = [{"context": "c", "target": f"answer number {i}"} for i in range(4)]
     assert infer_task("t", tmp_path / "t.jsonl", text).kind == "text"
+
+
+def test_metrics_of_no_examples_or_no_entities_are_zero_not_errors():
+    assert metrics.entity_scores([], []) == {"accuracy": 0.0, "entity_precision": 0.0, "entity_recall": 0.0,
+                                             "entity_f1": 0.0}
+    # examples without any entity on either side: exact matches, but no entity was found or missed
+    assert metrics.entity_scores([[], []], [[], []]) == {"accuracy": 1.0, "entity_precision": 0.0,
+                                                         "entity_recall": 0.0, "entity_f1": 0.0}
+    only_predicted = metrics.entity_scores([[]], [[("acme", "ORG")]])
+    assert only_predicted["entity_precision"] == 0.0 and only_predicted["entity_recall"] == 0.0
+    only_expected = metrics.entity_scores([[("acme", "ORG")]], [[]])
+    assert only_expected["entity_precision"] == 0.0 and only_expected["entity_recall"] == 0.0
+    assert metrics.numeric_scores([], [], rel_tol=0.01, abs_tol=0.0)["accuracy"] == 0.0
+    no_numbers = metrics.numeric_scores([1.0, 2.0], [None, None], rel_tol=0.01, abs_tol=0.0)
+    assert no_numbers["accuracy"] == 0.0 and no_numbers["mean_absolute_error"] is None
+    assert metrics.numeric_scores([], [], rel_tol=0.01, abs_tol=0.0)["mean_absolute_error"] is None
+
+
+def test_entity_f1_when_as_many_entities_are_predicted_as_expected():
+    scores = metrics.entity_scores([[("acme", "ORG"), ("paris", "LOC")]], [[("acme", "ORG"), ("rome", "LOC")]])
+    assert scores["entity_f1"] == pytest.approx(0.5) and scores["entity_precision"] == pytest.approx(0.5)
+
+
+def test_a_number_exactly_at_the_tolerance_matches():
+    assert metrics.numbers_match(100.0, 101.0, rel_tol=0.01, abs_tol=0.0)
+    assert metrics.numbers_match(0.0, 0.5, rel_tol=0.01, abs_tol=0.5)
+    assert metrics.numeric_scores([100.0], [99.0], rel_tol=0.01, abs_tol=0.0)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("score", [
+    lambda t, p: metrics.accuracy(t, p),
+    lambda t, p: metrics.per_label_f1(t, p, ["a", "b"]),
+    lambda t, p: metrics.classification_scores(t, p, ["a", "b"]),
+    lambda t, p: metrics.text_scores(t, p),
+    lambda t, p: metrics.entity_scores([[(x, "T")] for x in t], [[(x, "T")] for x in p]),
+    lambda t, p: metrics.numeric_scores([float(len(x)) for x in t], [float(len(x)) for x in p], 0.01, 0.0),
+], ids=["accuracy", "per_label_f1", "classification", "text", "entity", "numeric"])
+def test_predictions_and_targets_of_different_lengths_are_an_error(score):
+    # a prediction file cut short must never be scored as if it were the whole test set
+    with pytest.raises(ValueError):
+        score(["a", "b", "a"], ["a", "b"])
+    with pytest.raises(ValueError):
+        score(["a", "b"], ["a", "b", "a"])

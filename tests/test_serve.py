@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
+from serving_helpers import SharedServer, one_torch_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import bnb_defaults
@@ -107,14 +107,21 @@ def _reference_texts(tiny_model_dir: Path, adapter_dir: Path | None, quant_bits:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, adapters):
-    """A real uvicorn server on a free 127.0.0.1 port, in a background thread; yields its base URL."""
-    app = create_app(_load_host(tiny_model_dir, adapters), adapter_root=adapters["lora"].parent, window_ms=20)
-    with serve_in_thread(app) as url:
+def shared_server(tiny_model_dir, adapters):
+    with SharedServer(lambda: _load_host(tiny_model_dir, adapters),
+                      lambda host: create_app(host, adapter_root=adapters["lora"].parent, window_ms=20)) as shared:
+        yield shared
+
+
+@pytest.fixture
+def server(shared_server, request):
+    """A real uvicorn server on a free 127.0.0.1 port, in a background thread, shared by the module's tests until
+    one of them fails; yields its base URL."""
+    with shared_server.serving(request.node) as url:
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
     with httpx.Client(base_url=server, timeout=60) as http:
         yield http
