@@ -10,7 +10,8 @@ Not part of `python -m pytest`: a run takes tens of minutes on 2 CPU cores (MUTA
 took). For each module it copies the tracked files of the repository into a scratch folder, writes a `[tool.mutmut]`
 section there that mutates only that module and selects only its tests, runs `mutmut run`, and reads the verdict of
 each mutant from mutmut's own records. The rows of MUTATION.md for the modules run are replaced; other rows stay.
-`--keep` leaves the scratch folders (under --work) to look at survivors with `mutmut show NAME` inside them.
+`--keep` leaves the scratch folders (under --work) to look at survivors with `mutmut show NAME` inside them, and
+`--retest MODULE` runs only the survivors of such a kept run again once tests were added for them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TABLE = REPO / "MUTATION.md"
 # module -> the tests that are about it (pytest node ids or files). Only these run against its mutants: the
 # whole suite per mutant would not finish on 2 cores, and a test elsewhere that happens to fail is not a test of it.
 MODULES: dict[str, list[str]] = {
-    "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_encoding.py"],
+    "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py"],
     "eval/harness/metrics.py": ["tests/test_eval_metrics.py"],
     "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_safe_outputs.py",
                            "tests/test_overwrite_leftovers.py"],
@@ -72,7 +73,7 @@ def mutmut_section(module: str, tests: list[str]) -> str:
 
 
 def prepare(module: str, tests: list[str], work: Path) -> Path:
-    folder = work / re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py"))
+    folder = scratch_folder(module, work)
     shutil.rmtree(folder, ignore_errors=True)
     tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.splitlines()
@@ -95,16 +96,35 @@ def verdicts(folder: Path, module: str) -> dict[str, str]:
     return {name: STATUS.get(code, f"exit {code}") for name, code in codes.items()}
 
 
-def run_module(module: str, tests: list[str], work: Path, max_children: int) -> dict:
-    folder = prepare(module, tests, work)
+def scratch_folder(module: str, work: Path) -> Path:
+    return work / re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py"))
+
+
+def run_module(module: str, tests: list[str], work: Path, max_children: int, retest: bool = False) -> dict:
+    """Run mutmut over `module`; with `retest`, only its surviving mutants again, in the kept scratch folder, against
+    the tests as they are now (tests added since are found by mutmut, which collects their coverage first)."""
+    folder = scratch_folder(module, work)
+    earlier_minutes, names = 0.0, []
+    if retest:
+        if not (folder / "mutants").is_dir():
+            raise SystemExit(f"--retest: no kept run of {module} in {folder} (run it with --keep first)")
+        for destination in (folder / "tests", folder / "mutants" / "tests"):
+            shutil.copytree(REPO / "tests", destination, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        names = sorted(name for name, status in verdicts(folder, module).items() if status == "survived")
+        record_file = folder / "record.json"
+        earlier_minutes = json.loads(record_file.read_text())["minutes"] if record_file.exists() else 0.0
+    else:
+        folder = prepare(module, tests, work)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.monotonic()
     log = folder / "mutmut.log"
-    with log.open("w") as out:
-        result = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=folder, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    minutes = (time.monotonic() - started) / 60
+    with log.open("a" if retest else "w") as out:
+        result = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names], cwd=folder,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    minutes = earlier_minutes + (time.monotonic() - started) / 60
+    (folder / "record.json").write_text(json.dumps({"minutes": minutes}))
     found = verdicts(folder, module)
     counts = {status: list(found.values()).count(status) for status in set(found.values())}
     survivors = sorted(name for name, status in found.items() if status == "survived")
@@ -150,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-recipes-mutation"), help="scratch folder")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies (to `mutmut show` survivors)")
+    parser.add_argument("--retest", action="store_true",
+                        help="run only the survivors of a kept earlier run again, against the tests as they are now")
     args = parser.parse_args(argv)
     if args.list:
         for module, tests in MODULES.items():
@@ -162,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for module in chosen:
         print(f"mutation: {module} against {' '.join(MODULES[module])} ...", flush=True)
-        record = run_module(module, MODULES[module], args.work, args.max_children)
+        record = run_module(module, MODULES[module], args.work, args.max_children, retest=args.retest)
         records.append(record)
         print(table_row(record), flush=True)
         survivors_file = args.work / (Path(module).stem + ".survivors.json")
         survivors_file.write_text(json.dumps(record["survivors"], indent=1))
         print(f"mutation: survivors' diffs in {survivors_file}; log {record['log']}", flush=True)
         write_table([record])
-        if not args.keep:
+        if not args.keep and not args.retest:
             shutil.rmtree(Path(record["log"]).parent, ignore_errors=True)
     return 0
 
