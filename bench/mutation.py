@@ -111,7 +111,7 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         for destination in (folder / "tests", folder / "mutants" / "tests"):
             shutil.copytree(REPO / "tests", destination, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))
-        names = sorted(name for name, status in verdicts(folder, module).items() if status == "survived")
+        names = sorted(name for name, status in verdicts(folder, module).items() if status in ("survived", "no tests"))
         record_file = folder / "record.json"
         earlier_minutes = json.loads(record_file.read_text())["minutes"] if record_file.exists() else 0.0
     else:
