@@ -79,6 +79,7 @@ def test_numeric_tolerance_is_relative_to_the_target_with_an_absolute_floor():
     scores = metrics.numeric_scores([1.0, 2.0, 3.0], [1.0, None, 4.0], rel_tol=0.01, abs_tol=0.0)
     assert scores["accuracy"] == pytest.approx(1 / 3)
     assert scores["mean_absolute_error"] == pytest.approx(0.5)
+    assert (scores["rel_tol"], scores["abs_tol"]) == (0.01, 0.0)  # the record says which tolerance was used
 
 
 def test_token_f1():
