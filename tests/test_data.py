@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora.core.errors import DataError
+from lora.core.errors import DataError, UserError
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import IGNORE_INDEX, answer_suffix, encode_completion, encode_prompt, prompt_text
 from lora.training.sft_data import build_collator, build_datasets, encode_example
@@ -114,11 +114,11 @@ def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp
             for i in range(20)]
     held_out = [{"context": f"Input: held-out headline {i}.\nAnswer: ", "target": "neutral"} for i in range(3)]
     recipe = {"prompt_template": "plain", "dataset_path": _write_rows(tmp_path / "train.jsonl", rows), "seed": 3,
-              "validation_path": None, "validation_split": 0.25, "max_train_examples": None, "max_seq_length": 24}
+              "validation_path": None, "validation_split": 0.2, "max_train_examples": None, "max_seq_length": 24}
     expected = {tuple(e["input_ids"]): e["labels"] for e in (encode_example(r, "plain", tokenizer, 24) for r in rows)}
 
     train, validation = build_datasets(recipe, tokenizer)
-    assert (len(train), len(validation)) == (15, 5) and train.column_names == ["input_ids", "labels"]
+    assert (len(train), len(validation)) == (16, 4) and train.column_names == ["input_ids", "labels"]
     examples = list(train) + list(validation)
     # each row exactly once, in one of the two, encoded with the answer-only labels at max_seq_length
     assert sorted(tuple(e["input_ids"]) for e in examples) == sorted(expected)
@@ -148,3 +148,14 @@ def test_padded_batches_pad_labels_with_the_ignore_index_to_the_longest_example(
     padding = longest - len(short["input_ids"])
     kept = batch["labels"][row][batch["attention_mask"][row].bool()].tolist()
     assert kept == short["labels"] and (batch["labels"][row] == IGNORE_INDEX).sum() >= padding
+
+
+def test_datasets_refuse_the_chat_template_on_a_tokenizer_without_one(tmp_path, tokenizer):
+    import copy
+
+    plain_only = copy.deepcopy(tokenizer)
+    plain_only.chat_template = None
+    recipe = {"prompt_template": "chat", "dataset_path": _write_rows(tmp_path / "train.jsonl", [ROW]), "seed": 0,
+              "validation_path": None, "validation_split": 0, "max_train_examples": None, "max_seq_length": 64}
+    with pytest.raises(UserError, match="chat template"):
+        build_datasets(recipe, plain_only)

@@ -64,6 +64,12 @@ def test_file_problem_names_truncated_and_corrupt_files_and_passes_intact_ones(t
     assert file_problem(state) == "rng.pth is corrupt (its part rng/data/0 fails its checksum)"
     state.write_bytes(b"not a zip")
     assert file_problem(state).startswith("rng.pth cannot be read (")
+    for suffix in (".pt", ".bin"):  # the other names torch.save files go by
+        saved = tmp_path / f"optimizer{suffix}"
+        torch.save({"x": torch.arange(10)}, saved)
+        assert file_problem(saved) is None
+        saved.write_bytes(b"not a zip")
+        assert file_problem(saved).startswith(f"optimizer{suffix} cannot be read (")
     record.write_text('{"step": ')
     assert file_problem(record).startswith("r.json cannot be read (")
     assert file_problem(tmp_path / "missing.json").startswith("missing.json cannot be read (")
