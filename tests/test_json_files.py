@@ -1,4 +1,4 @@
-"""lora.core.files.write_json_atomic: the file holds exactly the pretty JSON of the payload or is left as it was."""
+"""lora.core.files: JSON written whole or not at all, damaged files named, a build moved into a new output."""
 
 from __future__ import annotations
 
@@ -80,3 +80,15 @@ def test_file_problem_names_truncated_and_corrupt_files_and_passes_intact_ones(t
     remove_tree(folder)
     remove_tree(folder)  # already gone: not an error
     assert not folder.exists()
+
+
+def test_moving_a_build_into_a_new_output_leaves_only_the_output(tmp_path):
+    from lora.core.files import finish_interrupted_replacement, move_into_place
+
+    build, out = tmp_path / ".out.build", tmp_path / "out"
+    build.mkdir()
+    (build / "marker.txt").write_text("new")
+    move_into_place(build, out)
+    assert (out / "marker.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no journal, no hidden sibling
+    assert finish_interrupted_replacement(out) is None
