@@ -118,7 +118,8 @@ def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp
     expected = {tuple(e["input_ids"]): e["labels"] for e in (encode_example(r, "plain", tokenizer, 24) for r in rows)}
 
     train, validation = build_datasets(recipe, tokenizer)
-    assert (len(train), len(validation)) == (16, 4) and train.column_names == ["input_ids", "labels"]
+    assert (len(train), len(validation)) == (16, 4)
+    assert train.column_names == validation.column_names == ["input_ids", "labels"]
     examples = list(train) + list(validation)
     # each row exactly once, in one of the two, encoded with the answer-only labels at max_seq_length
     assert sorted(tuple(e["input_ids"]) for e in examples) == sorted(expected)

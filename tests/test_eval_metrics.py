@@ -242,3 +242,14 @@ def test_predictions_and_targets_of_different_lengths_are_an_error(score):
         score(["a", "b", "a"], ["a", "b"])
     with pytest.raises(ValueError):
         score(["a", "b"], ["a", "b", "a"])
+
+
+def test_a_label_only_predicted_is_scored_and_no_examples_score_zero():
+    # "neutral" is never a target but is predicted: it is in play (precision 0, recall and F1 0, support 0)
+    assert metrics.scored_labels(["positive"], ["neutral"], LABELS) == ["neutral", "positive"]
+    per_label = metrics.per_label_f1(["positive"], ["neutral"], ["neutral", "positive"])
+    assert per_label["neutral"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics.per_label_f1([], [], ["neutral"])["neutral"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                                                    "support": 0}
+    assert metrics.classification_scores([], [], LABELS) == {"accuracy": 0.0, "weighted_f1": 0.0, "macro_f1": 0.0,
+                                                            "per_label": {}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import tempfile
 from pathlib import Path
@@ -92,3 +93,61 @@ def test_moving_a_build_into_a_new_output_leaves_only_the_output(tmp_path):
     assert (out / "marker.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no journal, no hidden sibling
     assert finish_interrupted_replacement(out) is None
+
+
+def test_new_files_get_the_mode_the_umask_gives(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert new_file_mode() == 0o644
+        os.umask(0o077)
+        assert new_file_mode() == 0o600
+        write_json_atomic(tmp_path / "private.json", {})
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_an_output_that_is_a_file_or_a_symlink_is_replaced_and_a_link_target_kept(tmp_path, kind):
+    from lora.core.files import move_into_place
+
+    out, build, target = tmp_path / "out", tmp_path / ".out.build", tmp_path / "kept"
+    target.mkdir()
+    (target / "user.txt").write_text("mine")
+    if kind == "file":
+        out.write_text("an old output file")
+    else:
+        out.symlink_to(target, target_is_directory=True)
+    build.mkdir()
+    (build / "marker.txt").write_text("new")
+    move_into_place(build, out)
+    assert not out.is_symlink() and (out / "marker.txt").read_text() == "new"
+    assert (target / "user.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "out"]
+
+
+def test_interrupted_replacements_left_in_each_state_are_finished_or_named(tmp_path):
+    from lora.core.files import finish_interrupted_replacement
+
+    out, old, journal = tmp_path / "out", tmp_path / ".out.old-1", tmp_path / ".out.replacing.json"
+    record = json.dumps({"new": ".out.build", "old": old.name, "output": "out"})
+    # killed after both renames, before the old output was removed: the new one stays, the old one goes
+    out.mkdir()
+    old.mkdir()
+    journal.write_text(record)
+    said = finish_interrupted_replacement(out)
+    assert said == f"completed an interrupted replacement of {out}: the previous output removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # nothing left to go on, or everything at once, or a journal that cannot be read: an error naming the journal
+    journal.write_text(record)
+    (tmp_path / ".out.build").mkdir()
+    old.mkdir()
+    with pytest.raises(OSError, match=r"\.out\.replacing\.json: .*all exist; resolve the interrupted replacement by "):
+        finish_interrupted_replacement(out)
+    for folder in (out, old, tmp_path / ".out.build"):
+        folder.rmdir()
+    with pytest.raises(OSError, match=r"\.out\.replacing\.json: neither .* nor the previous \.out\.old-1 exists"):
+        finish_interrupted_replacement(out)
+    journal.write_text('{"new": ')
+    with pytest.raises(OSError, match=r"\.out\.replacing\.json \(an interrupted replacement of .*out\) cannot be read"):
+        finish_interrupted_replacement(out)
