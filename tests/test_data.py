@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora.core.errors import DataError
+from lora.core.errors import DataError, UserError
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import IGNORE_INDEX, answer_suffix, encode_completion, encode_prompt, prompt_text
-from lora.training.sft_data import build_collator, encode_example
+from lora.training.sft_data import build_collator, build_datasets, encode_example
 
 BAD_ROWS = [
     ('{"context": "a", "target": "b"}\n{"context": "a", "target": \n', ":2: not valid JSON"),
@@ -86,3 +88,75 @@ def test_packed_batch_gives_the_same_loss_as_padded(tiny_model_dir, tokenizer):
         n = len(feature["input_ids"])
         torch.testing.assert_close(packed_logits[0, offset:offset + n], padded_logits[i, :n], atol=1e-5, rtol=1e-4)
         offset += n
+
+    # The loss targets are the same: each example's answer tokens, nothing at the seams between examples (the last
+    # token of one example never learns to predict the first token of the next) and nothing in the padding.
+    def targets(labels):  # the tokens the loss learns, row by row, after the causal shift
+        return [int(token) for row in labels[:, 1:] for token in row[row != IGNORE_INDEX]]
+
+    padded_targets, packed_targets = targets(padded["labels"]), targets(packed["labels"])
+    assert packed_targets == padded_targets == [t for f in features for t in f["labels"] if t != IGNORE_INDEX]
+    with torch.no_grad():
+        padded_loss = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                            labels=padded["labels"]).loss
+        packed_loss = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                            labels=packed["labels"]).loss
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp_path, tokenizer):
+    rows = [{"context": f"Input: headline number {i}.\nAnswer: ", "target": ("positive", "negative")[i % 2]}
+            for i in range(20)]
+    held_out = [{"context": f"Input: held-out headline {i}.\nAnswer: ", "target": "neutral"} for i in range(3)]
+    recipe = {"prompt_template": "plain", "dataset_path": _write_rows(tmp_path / "train.jsonl", rows), "seed": 3,
+              "validation_path": None, "validation_split": 0.2, "max_train_examples": None, "max_seq_length": 24}
+    expected = {tuple(e["input_ids"]): e["labels"] for e in (encode_example(r, "plain", tokenizer, 24) for r in rows)}
+
+    train, validation = build_datasets(recipe, tokenizer)
+    assert (len(train), len(validation)) == (16, 4)
+    assert train.column_names == validation.column_names == ["input_ids", "labels"]
+    examples = list(train) + list(validation)
+    # each row exactly once, in one of the two, encoded with the answer-only labels at max_seq_length
+    assert sorted(tuple(e["input_ids"]) for e in examples) == sorted(expected)
+    assert all(e["labels"] == expected[tuple(e["input_ids"])] for e in examples)
+
+    assert build_datasets(recipe, tokenizer)[0]["input_ids"] == train["input_ids"]  # the seed fixes the order
+    assert build_datasets({**recipe, "seed": 4}, tokenizer)[0]["input_ids"] != train["input_ids"]
+    unsplit, none = build_datasets({**recipe, "validation_split": 0}, tokenizer)
+    assert none is None and len(unsplit) == 20
+
+    given = {**recipe, "validation_path": _write_rows(tmp_path / "val.jsonl", held_out), "max_train_examples": 4}
+    capped, validation = build_datasets(given, tokenizer)
+    assert len(capped) == 4  # the cap is on training rows only, after the shuffle
+    assert capped["input_ids"] == unsplit["input_ids"][:4]
+    assert validation["input_ids"] == [encode_example(r, "plain", tokenizer, 24)["input_ids"] for r in held_out]
+    assert len(build_datasets({**recipe, "max_train_examples": 50, "validation_split": 0}, tokenizer)[0]) == 20
+
+
+def test_padded_batches_pad_labels_with_the_ignore_index_to_the_longest_example(tokenizer):
+    features = [encode_example(row, "plain", tokenizer, 128) for row in
+                (ROW, {"context": "Answer: ", "target": "neutral"})]
+    batch = build_collator(tokenizer, packing=False)([dict(f) for f in features])
+    longest = max(len(f["input_ids"]) for f in features)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, longest)
+    short = min(features, key=lambda f: len(f["input_ids"]))
+    row = [i for i, f in enumerate(features) if f is short][0]
+    padding = longest - len(short["input_ids"])
+    kept = batch["labels"][row][batch["attention_mask"][row].bool()].tolist()
+    assert kept == short["labels"] and (batch["labels"][row] == IGNORE_INDEX).sum() >= padding
+
+
+def test_datasets_refuse_the_chat_template_on_a_tokenizer_without_one(tmp_path, tokenizer):
+    import copy
+
+    plain_only = copy.deepcopy(tokenizer)
+    plain_only.chat_template = None
+    recipe = {"prompt_template": "chat", "dataset_path": _write_rows(tmp_path / "train.jsonl", [ROW]), "seed": 0,
+              "validation_path": None, "validation_split": 0, "max_train_examples": None, "max_seq_length": 64}
+    with pytest.raises(UserError, match="chat template"):
+        build_datasets(recipe, plain_only)

@@ -3,8 +3,6 @@ ids the tokenizer gives the whole text, and the prompt's ids are a prefix of the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from conftest import REPO_ROOT
@@ -22,7 +20,6 @@ from lora.prompts.templates import (
 )
 from lora.training.sft_data import encode_example
 
-SMOLLM2 = Path("~/.cache/lora-recipes/models/SmolLM2-135M-Instruct").expanduser()
 BUNDLED = sorted((REPO_ROOT / "data").glob("t*/*.jsonl"))
 TEMPLATES = ("plain", "chat")
 # FinLoRA's own row format: the context ends in "Answer: " and the target is the bare answer.
@@ -34,10 +31,7 @@ FINLORA_ROW = {"context": "Instruction: What is the sentiment of this news? Plea
 def tokenizer(request, tiny_model_dir):
     if request.param == "tiny":
         return load_tokenizer(str(tiny_model_dir))
-    if not (SMOLLM2 / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOLLM2} (python lora/model_source.py "
-                    "HuggingFaceTB/SmolLM2-135M-Instruct)")
-    return load_tokenizer(str(SMOLLM2))
+    return load_tokenizer(str(request.getfixturevalue("smollm2_dir")))  # converted once per machine, as the runner does
 
 
 def whole_text_ids(row, template, tokenizer) -> list[int]:
@@ -63,10 +57,8 @@ def test_trained_ids_are_the_whole_texts_ids_with_the_prompt_as_prefix(tokenizer
     assert boundary_report(rows, template, tokenizer)["unclean_boundaries"] == 0
 
 
-def test_the_space_before_the_answer_is_part_of_its_first_token():
-    if not (SMOLLM2 / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not converted at {SMOLLM2}")
-    tokenizer = load_tokenizer(str(SMOLLM2))
+def test_the_space_before_the_answer_is_part_of_its_first_token(smollm2_dir):
+    tokenizer = load_tokenizer(str(smollm2_dir))
     example = encode_example(FINLORA_ROW, "plain", tokenizer, max_seq_length=4096)
     answer = [token for token in example["labels"] if token != IGNORE_INDEX]
     # the issue's case: ":" then "Ġneutral", never ":" "Ġ" "neutral"

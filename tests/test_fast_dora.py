@@ -197,6 +197,25 @@ def test_adapter_saved_with_fast_dora_loads_in_stock_peft(tiny_model_dir, tmp_pa
     assert relative_error(eval_logits(reloaded_fast, input_ids), expected) < FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("base", ["fp32", "nf4-fp32"])
+def test_fast_dora_follows_every_change_of_the_adapter_scale(tiny_model_dir, base):
+    """peft changes an adapter's scale in place (`set_scale`, `scale_layer`, `unscale_layer`): whatever fast DoRA
+    cached before, its outputs after each change equal stock peft's."""
+    fast = dora_model(tiny_model_dir, base, fast=True)
+    stock = dora_model(tiny_model_dir, base, fast=False)
+    input_ids = batch()
+    assert_same_eval(fast, stock, input_ids, base)  # fills fast DoRA's caches at the initial scale
+    changes = [lambda layer: layer.set_scale("default", 3.0), lambda layer: layer.scale_layer(0.25),
+               lambda layer: layer.unscale_layer(), lambda layer: layer.set_scale("default", 3.0)]
+    for change in changes:
+        for model in (fast, stock):
+            for module in model.modules():
+                if hasattr(module, "lora_magnitude_vector"):
+                    change(module)
+        assert_same_eval(fast, stock, input_ids, base)
+    assert_same_training(fast, stock, input_ids, FP32_TOLERANCE, FP32_TOLERANCE)
+
+
 def cached_norms(model) -> list:
     return [m.__dict__.get("_fast_dora_norms", {}).get("default") for m in model.modules() if hasattr(m, "lora_A")]
 
@@ -340,7 +359,8 @@ def dora_linear(fast: bool):
     return model
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch inductor needs a C++ compiler: runs once g++ is installed (apt-get install g++)")
 def test_compiled_composition_matches_stock_peft_on_cpu(monkeypatch):
     """FAST_DORA_COMPILE=1: the torch.compile'd fused composition (the CUDA default) is exact on CPU too.
     One layer, so that the compile (~20 s on 2 cores) is the only slow part."""

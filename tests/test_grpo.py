@@ -77,7 +77,17 @@ def test_labels_are_inferred_only_for_few_distinct_targets():
     assert infer_labels(["yes", "yes"]) == ()
 
 
-def test_a_user_reward_is_a_decorated_function(tmp_path):
+@pytest.fixture
+def rewards_restored():
+    """The process-wide reward registry exactly as it was before the test, whatever the test registered: the test
+    can run again in the same process, and no other test sees its rewards."""
+    saved = dict(REWARDS)
+    yield
+    REWARDS.clear()
+    REWARDS.update(saved)
+
+
+def test_a_user_reward_is_a_decorated_function(tmp_path, rewards_restored):
     @register_reward("test_mentions_target")
     def mentions_target(sample: Sample) -> float:
         return float(sample.target in sample.completion)
@@ -166,7 +176,6 @@ def steerable_half_of_vocabulary(model) -> set[int]:
 STEERABLE_TOKENS: set[int] = set()  # filled by the test once the model is loaded
 
 
-@register_reward("test_steerable_first_token")
 def steerable_first_token(sample: Sample) -> float:
     """A user-defined reward, registered like any other: 1 when the answer starts in the steerable half."""
     return float(bool(sample.token_ids) and sample.token_ids[0] in STEERABLE_TOKENS)
@@ -194,7 +203,18 @@ def _logits(model, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_model_dir):
+def steerable_reward():
+    """`test_steerable_first_token` registered for this module's runs only, then the registry as it was."""
+    saved = dict(REWARDS)
+    register_reward("test_steerable_first_token")(steerable_first_token)
+    yield
+    REWARDS.clear()
+    REWARDS.update(saved)
+    STEERABLE_TOKENS.clear()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir, steerable_reward):
     common = {"base_model": str(tiny_model_dir), "dataset_path": SENTIMENT, "trainer": "grpo", "lora_r": 4,
               "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.02, "lr_scheduler_type": "constant",
               "warmup_steps": 0, "logging_steps": 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.adapters.merge import MERGE_RECORD, merge_adapter
+from lora.adapters.merge import MERGE_RECORD, MergeCheckFailed, merge_adapter
 from lora.core.locks import lock_path_for
 from lora.merge import main as merge_main
 from tiny_model import build_tiny_tokenizer
@@ -77,6 +77,35 @@ def test_merged_model_reproduces_unmerged_logits_in_fp32(tiny_model_dir, tmp_pat
     ids = AutoTokenizer.from_pretrained(out)("Revenue rose", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-3
+
+
+def _independent_logits(model, tokenizer, prompts):
+    with torch.no_grad():
+        return [model(**tokenizer(p, return_tensors="pt", add_special_tokens=False)).logits.float() for p in prompts]
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_the_self_check_measures_the_merged_model_against_the_adapter_on_its_base(tiny_model_dir, tmp_path, use_dora):
+    """Measured here without merge's own code: the saved merged model against a fresh base carrying the adapter.
+    The difference merge reports is that one, and a tolerance below it makes merge refuse and write nothing."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=use_dora)
+    record = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    prompts = record["check"]["prompts"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(adapter)).eval()
+    pairs = zip(_independent_logits(merged, tokenizer, prompts), _independent_logits(adapted, tokenizer, prompts))
+    measured = max(float((a - b).abs().max()) for a, b in pairs)
+
+    assert 0 < measured <= 1e-4  # fp32 rounding: small, never exactly zero on these weights
+    assert record["check"]["max_abs_logit_diff_fp32"] == pytest.approx(measured, rel=0.5)
+    with pytest.raises(MergeCheckFailed, match="differ from the unmerged adapter"):
+        merge_adapter(adapter, tmp_path / "strict", dtype="fp32", tolerance=measured / 10)
+    assert not (tmp_path / "strict").exists()
 
 
 def test_adapter_trained_on_4bit_merges_into_unquantised_base_in_bf16(tiny_model_dir, tmp_path):

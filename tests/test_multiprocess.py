@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,10 +78,15 @@ def registry(tmp_path_factory, tiny_model_dir):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextmanager
+def _a_port_held_busy() -> Iterator[int]:
+    """A loopback port kept listening for the whole launch. accelerate finds it taken and has torchrun pick and bind
+    a free port itself (its standalone rendezvous, localhost:0): no port is picked here, closed, and bound there a
+    moment later, when another process may have taken it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
 
 
 def _launch_two_processes(registry, recipe: str, output_dir: Path, dump_dir: Path) -> subprocess.CompletedProcess:
@@ -89,10 +96,11 @@ def _launch_two_processes(registry, recipe: str, output_dir: Path, dump_dir: Pat
            "CUDA_VISIBLE_DEVICES": ""}
     # The shipped config: MULTI_GPU with 2 processes, which on a machine without CUDA means 2 gloo processes (the
     # same as --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no).
-    command = [ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "accelerate_configs/cpu_2proc.yaml"),
-               "--main_process_port", str(_free_port()),
-               str(probe), recipe, "--registry", str(registry), "--output-dir", str(output_dir)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=dump_dir)
+    with _a_port_held_busy() as busy_port:
+        command = [ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "accelerate_configs/cpu_2proc.yaml"),
+                   "--main_process_port", str(busy_port),
+                   str(probe), recipe, "--registry", str(registry), "--output-dir", str(output_dir)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=dump_dir)
 
 
 @pytest.mark.slow

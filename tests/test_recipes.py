@@ -153,6 +153,22 @@ def test_all_problems_reported_at_once(tmp_path):
         assert fragment in message
 
 
+def test_every_unknown_field_is_reported_with_its_suggestion(tmp_path):
+    # unknown fields in a shared base, in the recipe itself and in an override: each one named, none dropped
+    registry = write_registry(tmp_path, {
+        "_base": {"base_model": "m", "lora_rnk": 4},
+        "bad": {"extends": "_base", "dataset_path": "d.jsonl", "lora_alfa": 8, "learning_rat": 0.1, "zzz_qqq": 1},
+    })
+    with pytest.raises(RecipeError) as caught:
+        resolve_recipe("bad", registry, ["num_epoch=2"])
+    message = str(caught.value)
+    for key, suggestion in [("lora_rnk", "lora_r"), ("lora_alfa", "lora_alpha"), ("learning_rat", "learning_rate"),
+                            ("num_epoch", "num_epochs")]:
+        assert f'unknown field "{key}" (did you mean "{suggestion}"?)' in message, message
+    assert 'unknown field "zzz_qqq"' in message
+    assert message.count("unknown field") == 5
+
+
 def test_extends_cycle_is_reported(tmp_path):
     registry = write_registry(tmp_path, {"a": {"extends": "b"}, "b": {"extends": "a"}})
     with pytest.raises(RecipeError, match="cycle: a -> b -> a"):

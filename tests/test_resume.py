@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -66,37 +65,56 @@ def _checkpoint_steps(output_dir) -> list[int]:
     return sorted(checkpoint_step(p) for p in folder.glob("checkpoint-*")) if folder.is_dir() else []
 
 
-def _start_training(registry, output_dir) -> subprocess.Popen:
+KILL_AT_STEP = 3  # the first checkpoint (save_steps 3): the kill lands after it is complete, before step 4 runs
+
+# A test-only launcher: lora/finetune.py exactly as the command runs it, plus one callback that SIGKILLs the process
+# from inside at a known moment (the start of step KILL_AT_STEP + 1) after saying so. A kill from outside at
+# "some point after the first checkpoint appeared" could land after the run had finished, or at any later step.
+KILLER = """
+import os, runpy, signal, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from transformers import TrainerCallback
+import lora.training.sft
+
+class KillAtAKnownStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            print("killing myself at the start of step {step} + 1", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build_trainer = lora.training.sft.build_trainer
+
+def build_trainer_with_killer(*args, **kwargs):
+    trainer, history = build_trainer(*args, **kwargs)
+    trainer.add_callback(KillAtAKnownStep())
+    return trainer, history
+
+lora.training.sft.build_trainer = build_trainer_with_killer
+sys.argv = [str(Path({repo!r}) / "lora/finetune.py")] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _train_until_killed(registry, output_dir, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    killer = output_dir.parent / "killer.py"
+    killer.write_text(KILLER.format(repo=str(REPO_ROOT), step=KILL_AT_STEP))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "lora/finetune.py"), "tiny_resume", "--registry", str(registry),
-         "--output-dir", str(output_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    return subprocess.run(
+        [sys.executable, str(killer), "tiny_resume", "--registry", str(registry), "--output-dir", str(output_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout_s,
     )
-
-
-def _kill_after_first_checkpoint(process: subprocess.Popen, output_dir, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not _checkpoint_steps(output_dir):
-        if process.poll() is not None:
-            pytest.fail(f"training ended before its first checkpoint:\n{process.stderr.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no checkpoint appeared in time")
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    process.stderr.close()
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_auto_gives_the_uninterrupted_adapter(registry, tmp_path):
     interrupted = tmp_path / "interrupted"
-    process = _start_training(registry, interrupted)
-    _kill_after_first_checkpoint(process, interrupted)
-    assert process.returncode == -signal.SIGKILL
+    killed = _train_until_killed(registry, interrupted)
+    # alive and training until the known step, then killed there: not finished, not crashed before
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"killing myself at the start of step {KILL_AT_STEP} + 1" in killed.stderr
     steps_at_kill = _checkpoint_steps(interrupted)
-    assert steps_at_kill and max(steps_at_kill) < 16, steps_at_kill
+    assert steps_at_kill == [KILL_AT_STEP], steps_at_kill
     assert not (interrupted / "adapter_config.json").exists()  # nothing looks finished
     assert json.loads((interrupted / "run_summary.json").read_text())["status"] == "running"
     for step in steps_at_kill:

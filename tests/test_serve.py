@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
+from serving_helpers import SharedServer, one_torch_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import bnb_defaults
@@ -107,14 +107,21 @@ def _reference_texts(tiny_model_dir: Path, adapter_dir: Path | None, quant_bits:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, adapters):
-    """A real uvicorn server on a free 127.0.0.1 port, in a background thread; yields its base URL."""
-    app = create_app(_load_host(tiny_model_dir, adapters), adapter_root=adapters["lora"].parent, window_ms=20)
-    with serve_in_thread(app) as url:
+def shared_server(tiny_model_dir, adapters):
+    with SharedServer(lambda: _load_host(tiny_model_dir, adapters),
+                      lambda host: create_app(host, adapter_root=adapters["lora"].parent, window_ms=20)) as shared:
+        yield shared
+
+
+@pytest.fixture
+def server(shared_server, request):
+    """A real uvicorn server on a free 127.0.0.1 port, in a background thread, shared by the module's tests until
+    one of them fails; yields its base URL."""
+    with shared_server.serving(request.node) as url:
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
     with httpx.Client(base_url=server, timeout=60) as http:
         yield http
@@ -283,6 +290,17 @@ def test_sampled_completions_are_served(client):
     assert 0 < response.json()["usage"]["completion_tokens"] <= 2 * MAX_TOKENS
 
 
+def test_temperature_above_zero_samples_and_zero_is_greedy(client):
+    # The tiny random model spreads its probability over hundreds of tokens: 8 samples of the same prompt agree
+    # on every token only if the server does not sample at all. Greedy answers are one answer, always.
+    prompts = [PROMPTS[0]] * 8
+    for temperature in (0.7, 1.5):
+        sampled = _texts(_complete(client, "lora", prompt=prompts, temperature=temperature))
+        assert len(set(sampled)) > 1, sampled
+    greedy = _texts(_complete(client, "lora", prompt=prompts, temperature=0))
+    assert len(set(greedy)) == 1 and greedy[0] == _texts(_complete(client, "lora", prompt=PROMPTS[0]))[0]
+
+
 def test_base_comes_from_the_first_adapter_when_not_given(tiny_model_dir, adapters):
     name, path, _ = resolve_served_base(None, [("dora", adapters["dora"]), ("lora", adapters["lora"])])
     assert name == str(tiny_model_dir) and Path(path) == Path(tiny_model_dir).resolve()
@@ -324,27 +342,42 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+def _start_serve_command(command: list[str], log_path: Path, env: dict, cwd: Path, tries: int = 3):
+    """lora/serve.py on a free loopback port; returns (process, base URL) once the server listens.
+
+    The command takes a port number (not a socket, and not 0), so the port is picked here and bound by the server
+    seconds later: another process may take it in between. The server is known to be ours only once its own log
+    says it listens on the port (not when something answers there); if it could not bind, it is started again on
+    another port.
+    """
+    for _ in range(tries):
+        port = _free_loopback_port()
+        with log_path.open("w") as log:
+            process = subprocess.Popen(command + ["--port", str(port)], cwd=cwd, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
+        listening = f"Uvicorn running on http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while process.poll() is None and listening not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if process.poll() is None and listening in log_path.read_text():
+            return process, f"http://127.0.0.1:{port}"
+        process.kill()
+        process.wait(timeout=60)
+        text = log_path.read_text()
+        if "address already in use" not in text.lower() and "cannot listen on" not in text:
+            pytest.fail(f"lora/serve.py did not start:\n{text[-3000:]}")
+    pytest.fail(f"every port tried was taken before lora/serve.py could bind it ({tries} tries)")
+
+
 @pytest.mark.slow
 def test_serve_command_starts_from_any_folder_serves_and_stops(tiny_model_dir, adapters, repo_root, tmp_path):
-    port = _free_loopback_port()
     command = [sys.executable, str(repo_root / "lora" / "serve.py"), "--base-model", str(tiny_model_dir),
-               "--adapter", f"lora={adapters['lora']}", "--adapter", f"dora={adapters['dora']}",
-               "--port", str(port), "--threads", "1"]
+               "--adapter", f"lora={adapters['lora']}", "--adapter", f"dora={adapters['dora']}", "--threads", "1"]
     log_path = tmp_path / "server.log"
     key = "end-to-end-key"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "LORA_SERVE_API_KEY": key})
+    process, url = _start_serve_command(command, log_path, {**os.environ, "LORA_SERVE_API_KEY": key}, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        assert process.poll() is None, log_path.read_text()
+        assert httpx.get(f"{url}/health", timeout=60).status_code == 200
         assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401  # the key came from the environment
         with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
             assert _model_ids(http) == [str(tiny_model_dir), "lora", "dora"]

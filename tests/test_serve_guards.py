@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from serving_helpers import one_torch_thread, serve_in_thread  # noqa: F401  (an autouse fixture)
+from serving_helpers import SharedServer, one_torch_thread  # noqa: F401  (an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora.core.errors import UserError
@@ -54,8 +54,7 @@ def folders(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def host(tiny_model_dir, folders) -> AdapterHost:
+def _make_host(tiny_model_dir, folders) -> AdapterHost:
     served = AdapterHost("tiny-base", AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                          AutoTokenizer.from_pretrained(tiny_model_dir))
     served.load_adapter("lora", folders["lora"])
@@ -63,14 +62,27 @@ def host(tiny_model_dir, folders) -> AdapterHost:
 
 
 @pytest.fixture(scope="module")
-def server(host, folders):
+def shared_server(tiny_model_dir, folders):
     from lora.serving.app import create_app
 
-    with serve_in_thread(create_app(host, adapter_root=folders["root"], api_key=KEY, window_ms=10)) as url:
+    with SharedServer(lambda: _make_host(tiny_model_dir, folders),
+                      lambda host: create_app(host, adapter_root=folders["root"], api_key=KEY, window_ms=10)) as shared:
+        yield shared
+
+
+@pytest.fixture
+def server(shared_server, request):
+    """The module's server, made again after a test that failed (see serving_helpers.SharedServer)."""
+    with shared_server.serving(request.node) as url:
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def host(server, shared_server) -> AdapterHost:
+    return shared_server.host
+
+
+@pytest.fixture
 def client(server):
     with httpx.Client(base_url=server, timeout=60, headers=AUTH) as http:
         yield http
@@ -97,7 +109,10 @@ def _model_ids(client) -> list[str]:
 ROUTES = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/adapters"),
           ("DELETE", "/v1/adapters/lora"), ("GET", "/no/such/route")]
 BAD_CREDENTIALS = [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEY}"},
-                   {"Authorization": KEY}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"}]
+                   {"Authorization": KEY}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"},
+                   # only the whole key opens the server: never a prefix, a suffix or the key in another case
+                   {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY[:1]}"},
+                   {"Authorization": f"Bearer {KEY[1:]}"}, {"Authorization": f"Bearer {KEY.upper()}"}]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

@@ -18,6 +18,7 @@ from lora.adapters.attach import attach_adapter
 from lora.models.loading import load_base_model, load_tokenizer
 from lora.models.quantisation import QuantisationSettings
 from lora.prompts.rows import load_rows
+from lora.prompts.templates import answer_suffix
 from lora.recipes.registry import resolve_recipe
 from lora.serving.host import AdapterHost
 from tiny_model import build_tiny_llama, build_tiny_tokenizer
@@ -145,3 +146,39 @@ def test_harness_grpo_and_server_stop_at_the_same_tokens(model_dir, tokenizer, t
     # emit. Never the pad token: padding is not an answer's end.
     expected = {eos, declared} | ({end_of_turn} if template == "chat" else set())
     assert found == dict.fromkeys(found, expected)
+
+
+def _cut_answer(tokenizer, template: str, generation_config, text_after_prompt: str) -> str:
+    """What an answer generated as `text_after_prompt` is cut to under the one stop rule."""
+    from lora.prompts.generation import cut_at_stop, stop_token_ids
+
+    stops = stop_token_ids(tokenizer, template, generation_config)
+    tokens = tokenizer(text_after_prompt, add_special_tokens=False)["input_ids"]
+    kept, stopped = cut_at_stop(tokens, stops)
+    assert stopped
+    return tokenizer.decode(kept)
+
+
+def test_a_turn_end_of_several_tokens_stops_at_the_end_of_the_turn_not_inside_the_answer(tmp_path):
+    # The turn ends with "<|end|>" and a newline (two tokens), as most chat templates write it.
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([END_OF_TURN], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(END_OF_TURN, END_OF_TURN + "\n")
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert len(tokenizer(answer_suffix("chat", tokenizer), add_special_tokens=False)["input_ids"]) == 2
+    answer = "positive\nbecause revenue beat\n\nexpectations"
+    assert _cut_answer(tokenizer, "chat", GenerationConfig(), answer + END_OF_TURN + "\nmore") == answer
+
+
+def test_smollm2s_real_chat_template_stops_at_the_end_of_the_turn_not_at_the_first_newline(smollm2_dir):
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    generation_config = GenerationConfig.from_pretrained(smollm2_dir)
+    assert answer_suffix("chat", tokenizer) == "<|im_end|>\n"  # a turn end of two tokens
+    answer = "neutral\nThe headline reports no change.\nAnswer: neutral"
+    for template in ("chat", "plain"):
+        assert _cut_answer(tokenizer, template, generation_config, answer + "<|im_end|>\n<|im_start|>user") == answer

@@ -1,0 +1,226 @@
+"""Mutation testing of the critical modules with mutmut (pinned in requirements-mutation.txt), each module against
+its own tests only, and the results as a table in MUTATION.md.
+
+    .venv/bin/pip install -r requirements-mutation.txt
+    nice -n 10 .venv/bin/python bench/mutation.py                      # every module below, smallest first
+    nice -n 10 .venv/bin/python bench/mutation.py eval/harness/metrics.py lora/core/files.py   # some of them
+    nice -n 10 .venv/bin/python bench/mutation.py --list                # the modules and the tests each one gets
+
+Not part of `python -m pytest`: a run takes tens of minutes on 2 CPU cores (MUTATION.md says how long each module
+took). For each module it copies the tracked files of the repository into a scratch folder, writes a `[tool.mutmut]`
+section there that mutates only that module and selects only its tests, runs `mutmut run`, and reads the verdict of
+each mutant from mutmut's own records. The rows of MUTATION.md for the modules run are replaced; other rows stay.
+`--keep` leaves the scratch folders (under --work) to look at survivors with `mutmut show NAME` inside them, and
+`--retest MODULE` runs only the survivors of such a kept run again once tests were added for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "MUTATION.md"
+
+# module -> the tests that are about it (pytest node ids or files). Only these run against its mutants: the
+# whole suite per mutant would not finish on 2 cores, and a test elsewhere that happens to fail is not a test of it.
+MODULES: dict[str, list[str]] = {
+    "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py"],
+    "eval/harness/metrics.py": ["tests/test_eval_metrics.py"],
+    "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_json_files.py"],
+    "lora/prompts/templates.py": ["tests/test_data.py", "tests/test_encoding.py",
+                                  "tests/test_stop_tokens.py::test_a_turn_end_of_several_tokens_stops_at_the_end_of_"
+                                  "the_turn_not_inside_the_answer",
+                                  "tests/test_stop_tokens.py::test_smollm2s_real_chat_template_stops_at_the_end_of_the"
+                                  "_turn_not_at_the_first_newline"],
+    "lora/prompts/generation.py": ["tests/test_stop_tokens.py", "tests/test_eval_harness.py"],
+    "lora/serving/guards.py": ["tests/test_serve_guards.py"],
+    "lora/adapters/merge.py": ["tests/test_merge.py"],
+    "lora/training/run_folder.py": ["tests/test_resume.py", "tests/test_safe_outputs.py",
+                                    "tests/test_overwrite_leftovers.py", "tests/test_finetune_runs.py"],
+    "lora/recipes/registry.py": ["tests/test_recipes.py", "tests/test_quantisation_settings.py"],
+    "lora/adapters/fast_dora.py": ["tests/test_fast_dora.py"],
+}
+COPIED = ["data", "finetune_configs.json", "accelerate_configs", "bench", "README.md", "requirements.txt"]
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "killed by signal",
+          None: "not run"}
+HEADER = ("| module | tests run against it | mutants | killed | survived | timed out | no tests | other | "
+          "killed % | minutes |")
+
+
+def mutmut_section(module: str, tests: list[str]) -> str:
+    selection = [test for test in tests if (REPO / test.split("::")[0]).exists()]
+    return "\n".join([
+        "[tool.mutmut]",
+        'source_paths = ["lora", "eval"]',
+        f"only_mutate = [{json.dumps(module)}]",
+        f"also_copy = {json.dumps(COPIED)}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(selection)}",
+        # -x: one failing test kills the mutant; no cache: the scratch copy is thrown away; -p no:randomly if any
+        'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=--strict-markers"]',
+        # torch is not fork-safe once it has run: mutants are forked from a server that only imported the tests
+        'process_isolation = "forkserver"',
+        "timeout_multiplier = 5.0",
+        "timeout_constant = 30.0",
+        "use_git_change_detection = false",
+        "",
+    ])
+
+
+def prepare(module: str, tests: list[str], work: Path) -> Path:
+    folder = scratch_folder(module, work)
+    shutil.rmtree(folder, ignore_errors=True)
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    for name in tracked:
+        source = REPO / name
+        if source.is_file() and not name.startswith("MUTATION"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    (folder / "record.json").write_text(json.dumps({"started": time.time()}))
+    pyproject = folder / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + "\n" + mutmut_section(module, tests))
+    return folder
+
+
+def verdicts(folder: Path, module: str) -> dict[str, str]:
+    """mutant name -> status, from the .meta file mutmut keeps beside the mutated module."""
+    meta = folder / "mutants" / (module + ".meta")
+    if not meta.is_file():
+        return {}
+    codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    return {name: STATUS.get(code, f"exit {code}") for name, code in codes.items()}
+
+
+def scratch_folder(module: str, work: Path) -> Path:
+    return work / re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py"))
+
+
+def run_module(module: str, tests: list[str], work: Path, max_children: int, retest: bool = False) -> dict:
+    """Run mutmut over `module`; with `retest`, only its surviving mutants again, in the kept scratch folder, against
+    the tests as they are now (tests added since are found by mutmut, which collects their coverage first)."""
+    folder = scratch_folder(module, work)
+    earlier_minutes, names = 0.0, []
+    if retest:
+        if not (folder / "mutants").is_dir():
+            raise SystemExit(f"--retest: no kept run of {module} in {folder} (run it with --keep first)")
+        for destination in (folder / "tests", folder / "mutants" / "tests"):
+            shutil.copytree(REPO / "tests", destination, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        names = sorted(name for name, status in verdicts(folder, module).items() if status in ("survived", "no tests"))
+        # mutmut keeps a verdict until its source changes: forget these so that they are tested again
+        meta = folder / "mutants" / (module + ".meta")
+        data = json.loads(meta.read_text())
+        data["exit_code_by_key"].update(dict.fromkeys(names))
+        meta.write_text(json.dumps(data))
+        earlier_minutes = json.loads((folder / "record.json").read_text()).get("minutes", 0.0)
+    else:
+        folder = prepare(module, tests, work)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.monotonic()
+    log = folder / "mutmut.log"
+    with log.open("a" if retest else "w") as out:
+        result = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names], cwd=folder,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    minutes = earlier_minutes + (time.monotonic() - started) / 60
+    (folder / "record.json").write_text(json.dumps({"minutes": minutes}))
+    return summarise(module, tests, folder, minutes, result.returncode)
+
+
+def summarise(module: str, tests: list[str], folder: Path, minutes: float, returncode: int | None) -> dict:
+    mutmut = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    found = verdicts(folder, module)
+    counts = {status: list(found.values()).count(status) for status in set(found.values())}
+    survivors = sorted(name for name, status in found.items() if status == "survived")
+    diffs = {}
+    for name in survivors:
+        shown = subprocess.run([str(mutmut), "show", name], cwd=folder, capture_output=True, text=True, env=env)
+        diffs[name] = shown.stdout.strip()
+    return {"module": module, "tests": tests, "counts": counts, "minutes": minutes, "returncode": returncode,
+            "survivors": diffs, "log": str(folder / "mutmut.log")}
+
+
+def table_row(record: dict) -> str:
+    counts = dict(record["counts"])
+    total = sum(counts.values())
+    killed, survived = counts.pop("killed", 0), counts.pop("survived", 0)
+    timeout, no_tests = counts.pop("timeout", 0), counts.pop("no tests", 0)
+    other = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
+    checked = killed + survived + timeout
+    share = f"{100 * (killed + timeout) / checked:.1f}" if checked else "-"
+    tests = ", ".join(f"`{Path(test).name}`" for test in record["tests"])
+    return (f"| `{record['module']}` | {tests} | {total} | {killed} | {survived} | {timeout} | {no_tests} | {other} "
+            f"| {share} | {record['minutes']:.1f} |")
+
+
+def write_table(records: list[dict]) -> None:
+    """Replace the rows of the modules just run in MUTATION.md's table (between its markers); keep the others."""
+    start, end = "<!-- mutation-table -->", "<!-- /mutation-table -->"
+    text = TABLE.read_text() if TABLE.exists() else f"# Mutation testing\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    body, tail = rest.split(end, 1)
+    rows = {line.split("|")[1].strip(" `"): line for line in body.splitlines() if line.startswith("| `")}
+    for record in records:
+        rows[record["module"]] = table_row(record)
+    ordered = [rows[m] for m in MODULES if m in rows] + [r for m, r in rows.items() if m not in MODULES]
+    separator = "|" + "---|" * (HEADER.count("|") - 1)
+    TABLE.write_text(f"{head}{start}\n{HEADER}\n{separator}\n" + "\n".join(ordered) + f"\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="modules to run (default: all of MODULES, smallest first)")
+    parser.add_argument("--list", action="store_true", help="print the modules and their tests, run nothing")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-recipes-mutation"), help="scratch folder")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies (to `mutmut show` survivors)")
+    parser.add_argument("--report", action="store_true",
+                        help="write the table rows of kept runs as they stand (an unfinished run: its mutants not "
+                             "yet tested count as 'not run'), run nothing")
+    parser.add_argument("--retest", action="store_true",
+                        help="run only the survivors of a kept earlier run again, against the tests as they are now")
+    args = parser.parse_args(argv)
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not in MODULES: {', '.join(unknown)} (known: {', '.join(MODULES)})")
+    chosen = args.modules or sorted(MODULES, key=lambda m: (REPO / m).stat().st_size)
+    if args.report:
+        for module in chosen:
+            folder = scratch_folder(module, args.work)
+            record = json.loads((folder / "record.json").read_text())
+            minutes = record.get("minutes") or (time.time() - record["started"]) / 60
+            row = summarise(module, MODULES[module], folder, minutes, None)
+            write_table([row])
+            print(table_row(row), flush=True)
+        return 0
+    records = []
+    for module in chosen:
+        print(f"mutation: {module} against {' '.join(MODULES[module])} ...", flush=True)
+        record = run_module(module, MODULES[module], args.work, args.max_children, retest=args.retest)
+        records.append(record)
+        print(table_row(record), flush=True)
+        survivors_file = args.work / (Path(module).stem + ".survivors.json")
+        survivors_file.write_text(json.dumps(record["survivors"], indent=1))
+        print(f"mutation: survivors' diffs in {survivors_file}; log {record['log']}", flush=True)
+        write_table([record])
+        if not args.keep and not args.retest:
+            shutil.rmtree(Path(record["log"]).parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
