@@ -37,9 +37,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary sibling and rename it into place, with the mode any other output file gets."""
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.write("\n")
         temp_name = handle.name
+        try:
+            json.dump(payload, handle, indent=2, default=str)
+            handle.write("\n")
+        except BaseException:
+            handle.close()
+            os.unlink(temp_name)  # a payload that cannot be written (or a full disk) leaves no half file behind
+            raise
     os.chmod(temp_name, new_file_mode())  # mkstemp creates 0600 whatever the umask says
     os.replace(temp_name, path)
 
