@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +67,11 @@ class RunResult:
 
 
 def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: bool = False,
-               resume: str | None = None) -> RunResult:
+               resume: str | None = None, callbacks: Sequence = ()) -> RunResult:
     """Train one resolved recipe into output_dir; returns the run summary and the trained model.
 
-    `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say.
+    `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say. `callbacks` are extra
+    `TrainerCallback`s added to the trainer (a sweep's objective reports, lora.sweeps).
 
     With `overwrite` over a previous run, the new run is built in a hidden sibling folder and swapped in only once
     it has finished: a run that fails for any reason leaves the previous one exactly as it was.
@@ -117,14 +118,15 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         prepare_output_dir(plan)
     state.wait_for_everyone()
     try:
-        return train_and_publish(recipe, source, plan, checkpoint, state, scoring)
+        return train_and_publish(recipe, source, plan, checkpoint, state, scoring, callbacks)
     except BaseException:
         if state.is_main_process:
             abandon_output_dir(plan)
         raise
 
 
-def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scoring: Scoring | None) -> RunResult:
+def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scoring: Scoring | None,
+                      callbacks: Sequence = ()) -> RunResult:
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora.adapters.attach import attach_adapter
     from lora.adapters.folders import ADAPTER_WEIGHTS
@@ -198,6 +200,8 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
         trainer, history = build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset,
                                          build_collator(tokenizer, recipe["packing"]),
                                          output_dir / CHECKPOINT_DIR)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
@@ -342,8 +346,9 @@ def check_steps_left(recipe, checkpoint: Path, output_dir: Path) -> None:
 
 
 def score_tasks(scoring, recipe, model, tokenizer, out_dir: Path, when: str) -> dict:
-    """Scores on the recipe's eval_tasks (eval/harness/evaluation.py), or {} when the recipe lists none."""
-    if not recipe["eval_tasks"]:
+    """Scores on the recipe's eval_tasks (eval/harness/evaluation.py), or {} when the recipe lists none or the run
+    has no scoring (a sweep's trials are scored on their validation set instead)."""
+    if not recipe["eval_tasks"] or scoring is None:
         return {}
     from accelerate import PartialState
 

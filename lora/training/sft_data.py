@@ -5,7 +5,7 @@ from __future__ import annotations
 from lora.prompts.rows import load_rows
 from lora.prompts.templates import IGNORE_INDEX, check_template, encode_completion
 
-__all__ = ["build_collator", "build_datasets", "encode_example"]
+__all__ = ["build_collator", "build_datasets", "encode_example", "split_rows"]
 
 
 def encode_example(row: dict, template: str, tokenizer, max_seq_length: int) -> dict[str, list[int]]:
@@ -19,12 +19,11 @@ def encode_example(row: dict, template: str, tokenizer, max_seq_length: int) -> 
     }
 
 
-def build_datasets(recipe, tokenizer):
-    """Tokenised train (and optional validation) `datasets.Dataset`s for a resolved recipe."""
+def split_rows(recipe):
+    """The recipe's training and validation rows (`datasets.Dataset`s of FinLoRA rows, not yet encoded; validation
+    None when the recipe has none): the one rule for which rows are held out, shared by training and sweeps."""
     from datasets import Dataset  # imported here: `--dry-run` and `--list` never need it
 
-    template = recipe["prompt_template"]
-    check_template(template, tokenizer)
     train = Dataset.from_list(load_rows(recipe["dataset_path"])).shuffle(seed=recipe["seed"])
     validation = None
     if recipe["validation_path"]:
@@ -34,6 +33,14 @@ def build_datasets(recipe, tokenizer):
         train, validation = split["train"], split["test"]
     if recipe["max_train_examples"]:
         train = train.select(range(min(recipe["max_train_examples"], len(train))))
+    return train, validation
+
+
+def build_datasets(recipe, tokenizer):
+    """Tokenised train (and optional validation) `datasets.Dataset`s for a resolved recipe."""
+    template = recipe["prompt_template"]
+    check_template(template, tokenizer)
+    train, validation = split_rows(recipe)
 
     def encode(row):
         return encode_example(row, template, tokenizer, recipe["max_seq_length"])
