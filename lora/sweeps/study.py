@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import socket
 import sys
@@ -54,19 +55,25 @@ def _open_storage(sweep: Sweep, url: str):
 
     # Several workers of one machine share SQLite: wait for the file lock rather than fail at once.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs,
-                              heartbeat_interval=sweep.workers["heartbeat_seconds"],
-                              grace_period=sweep.workers["grace_seconds"],
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=sweep.workers["max_retry"]))
-        except Exception as error:  # sqlalchemy's errors: a server that is down, a bad URL, a missing driver
-            shown = url.split("@")[-1] if "@" in url else url
-            raise SweepError(f"--storage: cannot open the study's database ({shown}): "
-                             f"{type(error).__name__}: {str(error).splitlines()[0]}. Check that the server runs "
-                             "and the URL (postgresql://USER@HOST:PORT/DATABASE) is right.") from None
+    # Workers that start together race to create Optuna's tables in a new database; the loser sees a unique-key
+    # violation (seen with PostgreSQL 15), and a moment later finds the tables made: try again a few times.
+    for attempt in range(5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(url, engine_kwargs=engine_kwargs,
+                                  heartbeat_interval=sweep.workers["heartbeat_seconds"],
+                                  grace_period=sweep.workers["grace_seconds"],
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                      max_retry=sweep.workers["max_retry"]))
+            except Exception as error:  # sqlalchemy's errors: a server that is down, a bad URL, a missing driver
+                if type(error).__name__ == "IntegrityError" and attempt < 4:
+                    time.sleep(0.5 + random.random())
+                    continue
+                shown = url.split("@")[-1] if "@" in url else url
+                raise SweepError(f"--storage: cannot open the study's database ({shown}): "
+                                 f"{type(error).__name__}: {str(error).splitlines()[0]}. Check that the server runs "
+                                 "and the URL (postgresql://USER@HOST:PORT/DATABASE) is right.") from None
 
 
 def build_sampler(sweep: Sweep, seed_offset: int = 0):
