@@ -52,6 +52,7 @@ def load_study(out, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.sqlite3'}")
 
 
+@pytest.mark.slow
 def test_grid_of_four_trials_each_an_ordinary_run_with_results_and_best(sweep_home, tmp_path, capsys):
     sweeps = write_sweeps(sweep_home, {"grid4": GRID})
     out = tmp_path / "grid4"
@@ -106,6 +107,7 @@ def test_grid_of_four_trials_each_an_ordinary_run_with_results_and_best(sweep_ho
     assert recipe["validation_split"] == 0.25
 
 
+@pytest.mark.slow
 def test_tpe_with_median_pruner_stops_losing_trials_early(sweep_home, tmp_path, capsys):
     sweeps = write_sweeps(sweep_home, {"tpe_pruned": {
         "recipe": "tiny",

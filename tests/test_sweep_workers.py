@@ -155,3 +155,15 @@ def test_killed_worker_and_rerun_leave_a_consistent_study(sweep_home, tmp_path):
     # Run once more: the study is complete and consistent, nothing runs again.
     assert main(["grid", "--sweeps", str(sweep_home / "sweeps.json"), "--output-dir", str(out)]) == 0
     assert len(optuna.load_study(study_name="grid", storage=storage).trials) == len(study.trials)
+
+
+def test_workers_flag_runs_the_study_in_two_processes(sweep_home, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["grid", "--sweeps", str(sweep_home / "sweeps.json"), "--output-dir", str(out), "--workers", "2"]) == 0
+    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{out / 'study.sqlite3'}")
+    ran = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    assert [t.state.name for t in ran] == ["COMPLETE"] * 4
+    assert len({(t.params["lora_r"], t.params["use_dora"]) for t in ran}) == 4
+    pids = {int(t.user_attrs["worker"].split(":")[1]) for t in ran}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the trials ran in the worker processes
+    assert "| trial | lora_r | use_dora | validation_loss |" in (out / "results.md").read_text()

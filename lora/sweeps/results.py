@@ -123,7 +123,9 @@ def _plots(study, output_dir: Path) -> tuple[list[Path], list[str]]:
             continue
         figure = np.asarray(axes).flat[0].figure
         figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.8)
-        figure.tight_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a colour bar's axes are not tight_layout's kind: laid out anyway
+            figure.tight_layout()
         temporary = path.with_name(f".{path.stem}.{os.getpid()}.png")
         figure.savefig(temporary, dpi=100)
         plt.close(figure)
