@@ -197,3 +197,18 @@ def test_the_shipped_sweeps_validate(capsys):
     for name in json.loads((REPO_ROOT / "sweeps.json").read_text()):
         if not name.startswith("$"):
             assert main([name, "--dry-run"]) == 0, capsys.readouterr().err
+
+
+def test_a_continued_tpe_study_does_not_repeat_its_first_draws(sweep_home, tmp_path):
+    sweep = {"recipe": "tiny", "set": {"max_steps": 2},
+             "space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 0.05, "log": True}},
+             "objective": {"metric": "validation_loss", "direction": "minimize", "validation": {"split": 0.25},
+                           "report_every_steps": 2},
+             "trials": 1, "sampler": {"type": "tpe", "seed": 0}}
+    out = tmp_path / "tpe"
+    assert main(["again", "--sweeps", str(write_sweeps(sweep_home, {"again": sweep})), "--output-dir", str(out)]) == 0
+    # The same study continued by a new command (more trials asked for): its random start draws a new point.
+    sweeps = write_sweeps(sweep_home, {"again": {**sweep, "trials": 2}})
+    assert main(["again", "--sweeps", str(sweeps), "--output-dir", str(out)]) == 0
+    first, second = load_study(out, "again").trials
+    assert first.params["learning_rate"] != second.params["learning_rate"]

@@ -80,7 +80,8 @@ def build_sampler(sweep: Sweep, seed_offset: int = 0):
     """Optuna's GridSampler over every parameter's grid points, or its TPESampler.
 
     The grid's order is seeded the same on every worker (Optuna's advice, so that workers do not pick the same
-    point); TPE's draws get `seed_offset` on top of the sweep's seed, so that workers do not draw the same points.
+    point); TPE's draws get `seed_offset` on top of the sweep's seed, so that workers (and a continued study, see
+    open_study) do not draw the same points.
     """
     import optuna
 
@@ -128,6 +129,10 @@ def open_study(sweep: Sweep, output_dir: Path, storage: str | None = None, seed_
     if must_exist and sweep.name not in {s.study_name for s in optuna.get_all_study_summaries(storage_obj)}:
         raise SweepError(f'sweep "{sweep.name}": no study of that name in the database yet; run python '
                          f"lora/sweep.py {sweep.name} --storage URL first.")
+    try:  # a continued study: TPE starts from another seed, or its first draws would repeat the earlier run's
+        seed_offset += storage_obj.get_n_trials(storage_obj.get_study_id_from_name(sweep.name))
+    except KeyError:
+        pass
     study = optuna.create_study(study_name=sweep.name, storage=storage_obj, sampler=build_sampler(sweep, seed_offset),
                                 pruner=build_pruner(sweep), direction=sweep.objective.direction, load_if_exists=True)
     begun_with = study.user_attrs.get("fingerprint")
