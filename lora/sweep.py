@@ -111,6 +111,10 @@ def report(study, sweep, output_dir: Path) -> int:
 
 def run_workers(args: argparse.Namespace, output_dir: Path) -> int:
     """N worker processes of this command (each with its share of the CPU threads), then the results."""
+    from lora.sweeps.study import open_study
+
+    # The database's tables and the study are made here once, so the workers do not race to create them.
+    open_study(load_sweep(args.sweep, args.sweeps, args.registry), output_dir, args.storage)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     base = [sys.executable, str(Path(__file__).resolve()), args.sweep, "--output-dir", str(output_dir)]
     for flag in ("sweeps", "registry", "storage"):
@@ -123,8 +127,6 @@ def run_workers(args: argparse.Namespace, output_dir: Path) -> int:
     for i, code in failed:
         print(f"[sweep] worker {i} exited with code {code}", file=sys.stderr)
     sweep = load_sweep(args.sweep, args.sweeps, args.registry)
-    from lora.sweeps.study import open_study
-
     code = report(open_study(sweep, output_dir, args.storage, must_exist=True), sweep, output_dir)
     return max([code] + [2 if c == 2 else 1 for _, c in failed])
 

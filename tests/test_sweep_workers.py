@@ -121,7 +121,7 @@ def test_two_workers_on_postgresql_run_every_trial_once(sweep_home, postgres_url
     assert all((out / "results.csv").is_file() for out in outs)
 
 
-def test_killed_worker_and_rerun_leave_a_consistent_study(sweep_home, tmp_path):
+def test_killed_worker_and_rerun_leave_a_consistent_study(sweep_home, tmp_path, capsys):
     out = tmp_path / "sweep"
     worker = subprocess.Popen([*SWEEP, "grid", "--sweeps", str(sweep_home / "sweeps.json"), "--output-dir", str(out)],
                               env=child_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,6 +151,7 @@ def test_killed_worker_and_rerun_leave_a_consistent_study(sweep_home, tmp_path):
     assert summary["sweep"]["state"] == "complete" and summary["status"] == "completed"
     table = (out / "results.md").read_text()
     assert "| complete (retry of 1) |" in table and "| fail |" in table
+    assert "(a retry of trial 1, whose worker died)" in capsys.readouterr().out
 
     # Run once more: the study is complete and consistent, nothing runs again.
     assert main(["grid", "--sweeps", str(sweep_home / "sweeps.json"), "--output-dir", str(out)]) == 0

@@ -56,7 +56,8 @@ def _open_storage(sweep: Sweep, url: str):
     # Several workers of one machine share SQLite: wait for the file lock rather than fail at once.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     # Workers that start together race to create Optuna's tables in a new database; the loser sees a unique-key
-    # violation (seen with PostgreSQL 15), and a moment later finds the tables made: try again a few times.
+    # violation (PostgreSQL 15) or "table ... already exists" (SQLite), and a moment later finds the tables made:
+    # try again a few times (a server that is down fails the same way each time and is reported).
     for attempt in range(5):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -67,7 +68,8 @@ def _open_storage(sweep: Sweep, url: str):
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                                       max_retry=sweep.workers["max_retry"]))
             except Exception as error:  # sqlalchemy's errors: a server that is down, a bad URL, a missing driver
-                if type(error).__name__ == "IntegrityError" and attempt < 4:
+                racing = type(error).__name__ in ("IntegrityError", "OperationalError", "ProgrammingError")
+                if racing and attempt < 4:
                     time.sleep(0.5 + random.random())
                     continue
                 shown = url.split("@")[-1] if "@" in url else url
@@ -125,6 +127,8 @@ def open_study(sweep: Sweep, output_dir: Path, storage: str | None = None, seed_
     if must_exist and not storage and not (Path(output_dir) / STUDY_FILE).is_file():
         raise SweepError(f'sweep "{sweep.name}": no study in {output_dir} yet; run python lora/sweep.py '
                          f"{sweep.name} first.")
+    if not storage:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
     storage_obj = _open_storage(sweep, storage_url(output_dir, storage))
     if must_exist and sweep.name not in {s.study_name for s in optuna.get_all_study_summaries(storage_obj)}:
         raise SweepError(f'sweep "{sweep.name}": no study of that name in the database yet; run python '
@@ -312,6 +316,8 @@ def _progress_line(study, trial, sweep: Sweep) -> str:
     state = trial.state.name
     if trial.state == TrialState.PRUNED:
         state += f" at step {trial.last_step}"
+    if "failed_trial" in trial.system_attrs:
+        state += f" (a retry of trial {trial.system_attrs['failed_trial']}, whose worker died)"
     params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     try:
         best = study.best_trial
