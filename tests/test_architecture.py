@@ -23,6 +23,7 @@ PART_ORDER = (
     "lora.training",  # SFT and GRPO trainers, run folders, run record, model card, trackers
     "lora.serving",  # the multi-adapter server's host, batcher, guards and app
     "eval.harness",  # tasks, choice scoring, metrics, the harness, lm-eval export
+    "lora.sweeps",  # sweeps as data, their Optuna study and workers, results (objective: a harness task metric)
 )
 COMMAND_PACKAGES = ("lora", "eval")
 

@@ -48,11 +48,27 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path):
         pass
 
 
-def test_a_lock_is_one_writer_within_one_process_too(tmp_path):
-    with hold_output_lock(tmp_path / "x"):
-        with pytest.raises(OutputError):
+def test_a_lock_nests_in_the_thread_that_holds_it_and_refuses_another_thread(tmp_path):
+    import threading
+
+    refused = []
+
+    def other_thread():
+        try:
             with hold_output_lock(tmp_path / "x"):
-                pass
+                refused.append(False)
+        except OutputError:
+            refused.append(True)
+
+    with hold_output_lock(tmp_path / "x"):
+        with hold_output_lock(tmp_path / "x"):  # a command holding its output calls a library part that locks it
+            pass
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert refused == [True]
+    with hold_output_lock(tmp_path / "x"):  # released whole once the outer hold ends
+        pass
 
 
 def test_replacing_leaves_only_the_new_folder(tmp_path):

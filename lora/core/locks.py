@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ from filelock import FileLock, Timeout
 from lora.core.errors import OutputError
 
 __all__ = ["hold_output_lock", "lock_path_for"]
+
+# Locks this process holds: lock path -> (thread that holds it, depth). A command that holds an output and calls a
+# library function that takes the same output's lock (a sweep trial calling run_recipe) nests; another thread of the
+# same process is refused like another process.
+_HELD: dict[Path, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 def lock_path_for(output: Path) -> Path:
@@ -60,7 +67,22 @@ def hold_output_lock(output: Path | str) -> Iterator[Path]:
     output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     lock_path = lock_path_for(output)
-    lock = FileLock(str(lock_path), timeout=0)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        holder = _HELD.get(lock_path)
+        if holder is not None and holder[0] == me:
+            _HELD[lock_path] = (me, holder[1] + 1)
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield lock_path
+        finally:
+            with _HELD_GUARD:
+                _HELD[lock_path] = (me, _HELD[lock_path][1] - 1)
+        return
+    lock = FileLock(str(lock_path), timeout=0, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
@@ -71,10 +93,14 @@ def hold_output_lock(output: Path | str) -> Iterator[Path]:
     owner_path = _owner_path(lock_path)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    with _HELD_GUARD:
+        _HELD[lock_path] = (me, 1)
     try:
         owner_path.write_text(f"process {os.getpid()} ({command}), since {started}\n", encoding="utf-8")
         yield lock_path
     finally:
+        with _HELD_GUARD:
+            del _HELD[lock_path]
         with contextlib.suppress(OSError):
             owner_path.unlink()
         lock.release()

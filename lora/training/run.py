@@ -10,7 +10,7 @@ does not import eval/.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +66,11 @@ class RunResult:
 
 
 def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: bool = False,
-               resume: str | None = None) -> RunResult:
+               resume: str | None = None, callbacks: Sequence = ()) -> RunResult:
     """Train one resolved recipe into output_dir; returns the run summary and the trained model.
 
-    `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say.
+    `scoring` None trains without before/after scores, whatever the recipe's eval_tasks say. `callbacks` are extra
+    `TrainerCallback`s added to the trainer (a sweep's objective reports, lora.sweeps).
 
     One run writes `output_dir` at a time (a second exits 2 naming the first). With `overwrite` over a previous
     run, or `resume` of a finished one, the new run is built in a hidden sibling folder and swapped in only once it
@@ -130,7 +131,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
         on_main_process(state, lambda: prepare_output_dir(plan))
         state.wait_for_everyone()
         try:
-            return train_and_publish(recipe, source, plan, resume_point, state, scoring, engine)
+            return train_and_publish(recipe, source, plan, resume_point, state, scoring, engine, callbacks)
         except BaseException as error:
             disk_full = disk_full_error(error, plan) if isinstance(error, Exception) else None
             if state.is_main_process:
@@ -141,7 +142,7 @@ def run_recipe(recipe, output_dir: Path, *, scoring: Scoring | None, overwrite: 
 
 
 def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scoring | None,
-                      engine=None) -> RunResult:
+                      engine=None, callbacks: Sequence = ()) -> RunResult:
     """Load, score, train, score again and write the adapter into plan.work_dir, then swap it into place."""
     from lora.adapters.attach import attach_adapter
     from lora.adapters.folders import ADAPTER_WEIGHTS
@@ -217,6 +218,8 @@ def train_and_publish(recipe, source, plan, resume_point, state, scoring: Scorin
     trainer, history = builder.build_recipe_trainer(recipe, model, tokenizer, data, output_dir / CHECKPOINT_DIR)
     stopping = attach_early_stopping(trainer, recipe, scoring, output_dir / CHECKPOINT_DIR,
                                      resume_from=resume_point.checkpoint)
+    for callback in callbacks:  # e.g. a sweep's objective reports (lora.sweeps)
+        trainer.add_callback(callback)
     encoding = encoding_report(recipe, tokenizer, data)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "
@@ -303,8 +306,9 @@ def portable_base_model_id(recipe, source) -> str:
 
 
 def score_tasks(scoring, recipe, model, tokenizer, out_dir: Path, when: str) -> dict:
-    """Scores on the recipe's eval_tasks (eval/harness/evaluation.py), or {} when the recipe lists none."""
-    if not recipe["eval_tasks"]:
+    """Scores on the recipe's eval_tasks (eval/harness/evaluation.py), or {} when the recipe lists none or the run
+    has no scoring (a sweep's trials are scored on their validation set instead)."""
+    if not recipe["eval_tasks"] or scoring is None:
         return {}
     from accelerate import PartialState
 
