@@ -19,6 +19,7 @@ import jsonschema
 
 from lora.core.compute_dtype import resolve_auto_dtypes
 from lora.core.errors import RecipeError, closest, did_you_mean
+from lora.recipes.trainers import trainer_problems
 
 __all__ = [
     "ALIASES",
@@ -28,7 +29,6 @@ __all__ = [
     "EVAL_TASKS_PATH",
     "format_recipe_table",
     "FOUR_BIT_FIELDS",
-    "GRPO_FIELDS",
     "list_recipes",
     "load_schema",
     "MAX_RECIPE_NAME_LENGTH",
@@ -41,7 +41,6 @@ __all__ = [
     "resolve_recipe",
     "runnable_names",
     "SCHEMA_PATH",
-    "SFT_ONLY_FIELDS",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,9 +56,6 @@ ALIASES = {
 PATH_FIELDS = ("dataset_path", "validation_path", "init_adapter")
 FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 EIGHT_BIT_FIELDS = ("llm_int8_threshold",)
-GRPO_FIELDS = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
-               "temperature", "reward_tolerance")
-SFT_ONLY_FIELDS = ("validation_path", "validation_split", "eval_steps", "packing")
 # A recipe name becomes a folder name (outputs/<recipe>/): letters, digits, "_" and "-", with "." only inside,
 # so that no name is a path ("/", "..", an absolute path) nor a hidden folder (the runner's own temporary ones).
 RECIPE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]([A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
@@ -261,43 +257,7 @@ def _cross_field_problems(
                             f"(tasks are defined in {EVAL_TASKS_PATH.relative_to(REPO_ROOT)})")
     if fields.get("max_steps", -1) == 0:
         problems.append('field "max_steps": 0 would train nothing (use -1 for num_epochs, or a positive count)')
-    problems.extend(_grpo_problems(fields, given))
-    return problems
-
-
-def _grpo_problems(fields: dict[str, Any], given: set[str]) -> list[str]:
-    """Reinforcement-learning fields: they belong to grpo recipes, name registered rewards, and fit the batch."""
-    if fields.get("trainer") != "grpo":
-        return [f'field "{key}" only applies to grpo recipes (set "trainer": "grpo", or drop it)'
-                for key in GRPO_FIELDS if key in given]
-    from lora.prompts.rewards import reward_names  # the registry; imports no torch
-
-    problems = []
-    known = reward_names()
-    names = fields.get("reward_functions")
-    if not isinstance(names, list):  # already reported by the schema
-        names = []
-    elif not names:
-        problems.append(f'field "reward_functions": a grpo recipe needs at least one reward '
-                        f'(known: {", ".join(known)})')
-    for name in names:
-        if isinstance(name, str) and name not in known:
-            problems.append(f'field "reward_functions": no reward named "{name}"{did_you_mean(name, known)} '
-                            f"(known: {', '.join(known)}; add one with @register_reward in lora/prompts/rewards.py)")
-    weights = fields.get("reward_weights")
-    if isinstance(weights, list) and len(weights) != len(names):
-        problems.append(f'field "reward_weights": {len(weights)} weight(s) for {len(names)} reward function(s) '
-                        "(give one per entry of reward_functions, or null for all 1.0)")
-    batch, accumulation, group = (fields.get(key) for key in ("batch_size", "gradient_accumulation_steps",
-                                                               "num_generations"))
-    if all(isinstance(v, int) and v > 0 for v in (batch, accumulation, group)) and (batch * accumulation) % group:
-        problems.append(f'field "batch_size": GRPO samples num_generations ({group}) completions per prompt, so '
-                        f"batch_size x gradient_accumulation_steps ({batch} x {accumulation}) must be a multiple of "
-                        f"{group} (batch_size counts completions, not prompts)")
-    for key in SFT_ONLY_FIELDS:
-        if key in given and fields.get(key):
-            problems.append(f'field "{key}" applies to sft recipes only; a grpo recipe is scored by its rewards '
-                            "and eval_tasks (drop it)")
+    problems.extend(trainer_problems(fields, given))
     return problems
 
 

@@ -30,6 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from lora.prompts.generation import stop_token_ids
 from lora.prompts.rewards import build_trl_reward, infer_labels
+from lora.prompts.rows import load_rows
 from lora.prompts.templates import adds_special_tokens, check_template, encode_prompt_text, prompt_text
 from lora.training.sft import (
     ProgressAndGuard,
@@ -47,7 +48,9 @@ __all__ = [
     "build_grpo_config",
     "build_grpo_trainer",
     "build_prompt_dataset",
+    "build_recipe_trainer",
     "build_reward_functions",
+    "load_training_data",
     "restore_adapter_dtypes",
     "use_base_as_reference",
 ]
@@ -213,6 +216,18 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
         use_base_as_reference(trainer.model)
     restore_adapter_dtypes(trainer.model, adapter_dtypes)
     return trainer, history
+
+
+def load_training_data(recipe, tokenizer) -> tuple[list[dict], str]:
+    """The "grpo" entry of the trainer table (lora/training/trainers.py): the training rows, whose contexts become
+    prompts and whose targets reach the rewards."""
+    rows = load_rows(recipe["dataset_path"])
+    return rows, f"{min(len(rows), recipe['max_train_examples'] or len(rows))} prompts for GRPO"
+
+
+def build_recipe_trainer(recipe, model, tokenizer, data: list[dict], checkpoint_dir: Path):
+    """The "grpo" entry of the trainer table: build_grpo_trainer on `load_training_data`'s rows."""
+    return build_grpo_trainer(recipe, model, tokenizer, data, checkpoint_dir)
 
 
 def use_base_as_reference(model) -> None:

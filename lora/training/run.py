@@ -137,9 +137,9 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
     from lora.recipes.outputs import SUMMARY_FILE
     from lora.recipes.registry import REPO_ROOT
     from lora.training.run_folder import CHECKPOINT_DIR, finish_output_dir
-    from lora.training.sft import build_trainer, gathered_state_dict, peak_memory_bytes
-    from lora.training.sft_data import build_collator, build_datasets
+    from lora.training.sft import gathered_state_dict, peak_memory_bytes
     from lora.training.tracking import finish_tracking
+    from lora.training.trainers import trainer_module
 
     started = time.perf_counter()
     output_dir = plan.work_dir
@@ -182,22 +182,13 @@ def train_and_publish(recipe, source, plan, checkpoint: str | None, state, scori
               f"layers: {base_layers['linear4bit']} 4-bit, {base_layers['linear8bit']} 8-bit, "
               f"{base_layers['plain_linear']} unquantised")
 
-    if recipe["trainer"] == "grpo":
-        from lora.training.grpo import build_grpo_trainer
-
-        train_rows = load_rows(recipe["dataset_path"])
-        milestone(f"data: {min(len(train_rows), recipe['max_train_examples'] or len(train_rows))} prompts for GRPO")
-        scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
-        trainer, history = build_grpo_trainer(recipe, model, tokenizer, train_rows,
-                                              output_dir / CHECKPOINT_DIR)
-    else:
-        train_dataset, validation_dataset = build_datasets(recipe, tokenizer)
-        milestone(f"data: {len(train_dataset)} training examples"
-                  + (f", {len(validation_dataset)} validation" if validation_dataset is not None else ""))
-        scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
-        trainer, history = build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset,
-                                         build_collator(tokenizer, recipe["packing"]),
-                                         output_dir / CHECKPOINT_DIR)
+    # The recipe's trainer picks its module from the table of trainers (lora/training/trainers.py): the data is
+    # read first, so that a bad file stops the run before the (slow) scores are taken.
+    builder = trainer_module(recipe["trainer"])
+    data, description = builder.load_training_data(recipe, tokenizer)
+    milestone(f"data: {description}")
+    scores_before = score_tasks(scoring, recipe, model, tokenizer, output_dir / "eval_before", "before training")
+    trainer, history = builder.build_recipe_trainer(recipe, model, tokenizer, data, output_dir / CHECKPOINT_DIR)
     encoding = boundary_report(load_rows(recipe["dataset_path"]), recipe["prompt_template"], tokenizer)
     if encoding["unclean_boundaries"]:
         milestone(f"note: {encoding['unclean_boundaries']} of {encoding['rows']} rows do not split cleanly between "

@@ -18,14 +18,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from lora.core.files import remove_tree
 from lora.prompts.templates import IGNORE_INDEX
 from lora.training.run_folder import CHECKPOINT_STAGING_DIR, publish_checkpoint
+from lora.training.sft_data import build_collator, build_datasets
 from lora.training.tracking import hold_trackers
 
 __all__ = [
     "accepts_logits_to_keep",
     "answer_only_loss",
+    "build_recipe_trainer",
     "build_trainer",
     "build_training_arguments",
     "gathered_state_dict",
+    "load_training_data",
     "next_token_targets",
     "peak_memory_bytes",
     "ProgressAndGuard",
@@ -268,6 +271,21 @@ def build_trainer(recipe, model, tokenizer, train_dataset, validation_dataset, c
     trainer.history = history
     use_recipe_callbacks(trainer)
     return trainer, history
+
+
+def load_training_data(recipe, tokenizer) -> tuple[tuple, str]:
+    """The "sft" entry of the trainer table (lora/training/trainers.py): the encoded train and validation datasets,
+    and what they hold, said before any score is taken."""
+    train, validation = build_datasets(recipe, tokenizer)
+    return (train, validation), f"{len(train)} training examples" + (
+        f", {len(validation)} validation" if validation is not None else "")
+
+
+def build_recipe_trainer(recipe, model, tokenizer, data: tuple, checkpoint_dir: Path):
+    """The "sft" entry of the trainer table: the supervised trainer on `load_training_data`'s datasets."""
+    train, validation = data
+    return build_trainer(recipe, model, tokenizer, train, validation, build_collator(tokenizer, recipe["packing"]),
+                         checkpoint_dir)
 
 
 def use_recipe_callbacks(trainer) -> None:

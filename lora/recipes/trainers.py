@@ -1,0 +1,146 @@
+"""The table of trainers, as the registry sees it: each trainer's name, the recipe fields only it accepts, and the
+checks a recipe using it must pass. The registry (lora/recipes/registry.py) asks this table; nothing else knows which
+fields belong to which trainer.
+
+The other half of each entry, the code that builds the trainer, is `lora/training/trainers.py` (BUILDERS): the
+recipes part comes before the training part in the import order, so the registry can read the declarations here
+without importing torch, TRL or any trainer module. tests/test_trainers.py keeps the two tables' keys equal, the
+schema's `trainer` enum equal to them, and every field named here a field of the schema.
+
+Adding a trainer ("dpo", say) is one entry and one module:
+  1. an entry `"dpo": TrainerRules(...)` in TRAINERS below: the recipe fields only it accepts (declared with their
+     types and defaults in recipe_schema.json, with "dpo" added to the `trainer` enum there) and a check function
+     for the cross-field rules the schema cannot say;
+  2. one module `lora/training/dpo.py` with `load_training_data(recipe, tokenizer)` and
+     `build_recipe_trainer(recipe, model, tokenizer, data, checkpoint_dir)`, named in `lora/training/trainers.py`'s
+     BUILDERS as `"dpo": "lora.training.dpo"`.
+A field several trainers accept (e.g. reward_functions for two RL trainers) is listed in each of their entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lora.core.errors import did_you_mean
+
+__all__ = ["TRAINERS", "TrainerRules", "trainer_problems"]
+
+Check = Callable[[Mapping[str, Any], set[str]], list[str]]
+Misplaced = Callable[[str, Any, Mapping[str, Any], tuple[str, ...]], "str | None"]
+
+
+def _no_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    return []
+
+
+def _only_for(key: str, value: Any, fields: Mapping[str, Any], accepting: tuple[str, ...]) -> str | None:
+    """A field set in a recipe of a trainer that does not use it, whatever its value."""
+    names = " or ".join(accepting)
+    return f'field "{key}" only applies to {names} recipes (set "trainer": "{accepting[0]}", or drop it)'
+
+
+@dataclass(frozen=True)
+class TrainerRules:
+    """One trainer as the registry validates it.
+
+    Attributes:
+        name: the value of the recipe's `trainer` field.
+        fields: the recipe fields only this trainer (and any other entry listing them) accepts.
+        check: the problems of a recipe that uses this trainer, `check(fields, given)` with the resolved fields and
+            the names the user set (not defaults); each problem names its field.
+        misplaced: the problem with one of `fields` set in the recipe of a trainer that does not accept it,
+            `misplaced(key, value, fields, accepting_trainers)`, or None when that value is harmless there.
+    """
+
+    name: str
+    fields: tuple[str, ...] = ()
+    check: Check = _no_problems
+    misplaced: Misplaced = _only_for
+
+
+# ---- sft ----------------------------------------------------------------------------------------------------------
+
+def _sft_field_elsewhere(key: str, value: Any, fields: Mapping[str, Any], accepting: tuple[str, ...]) -> str | None:
+    # Their off values (no validation set, no packing) say nothing, so a shared base may set them for every recipe.
+    if not value:
+        return None
+    return (f'field "{key}" applies to sft recipes only; a {fields.get("trainer")} recipe is scored by its rewards '
+            "and eval_tasks (drop it)")
+
+
+SFT = TrainerRules(
+    name="sft",
+    fields=("validation_path", "validation_split", "eval_steps", "packing"),
+    misplaced=_sft_field_elsewhere,
+)
+
+
+# ---- grpo ---------------------------------------------------------------------------------------------------------
+
+def _grpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    """Reinforcement-learning fields: they name registered rewards, and the groups fit the batch."""
+    from lora.prompts.rewards import reward_names  # the registry; imports no torch
+
+    problems = []
+    known = reward_names()
+    names = fields.get("reward_functions")
+    if not isinstance(names, list):  # already reported by the schema
+        names = []
+    elif not names:
+        problems.append(f'field "reward_functions": a grpo recipe needs at least one reward '
+                        f'(known: {", ".join(known)})')
+    for name in names:
+        if isinstance(name, str) and name not in known:
+            problems.append(f'field "reward_functions": no reward named "{name}"{did_you_mean(name, known)} '
+                            f"(known: {', '.join(known)}; add one with @register_reward in lora/prompts/rewards.py)")
+    weights = fields.get("reward_weights")
+    if isinstance(weights, list) and len(weights) != len(names):
+        problems.append(f'field "reward_weights": {len(weights)} weight(s) for {len(names)} reward function(s) '
+                        "(give one per entry of reward_functions, or null for all 1.0)")
+    batch, accumulation, group = (fields.get(key) for key in ("batch_size", "gradient_accumulation_steps",
+                                                               "num_generations"))
+    if all(isinstance(v, int) and v > 0 for v in (batch, accumulation, group)) and (batch * accumulation) % group:
+        problems.append(f'field "batch_size": GRPO samples num_generations ({group}) completions per prompt, so '
+                        f"batch_size x gradient_accumulation_steps ({batch} x {accumulation}) must be a multiple of "
+                        f"{group} (batch_size counts completions, not prompts)")
+    return problems
+
+
+GRPO = TrainerRules(
+    name="grpo",
+    fields=("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
+            "temperature", "reward_tolerance"),
+    check=_grpo_problems,
+)
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+
+TRAINERS: dict[str, TrainerRules] = {rules.name: rules for rules in (SFT, GRPO)}
+
+
+def trainer_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    """The problems of a resolved recipe with its trainer: the trainer's own checks, then each field of another
+    trainer that the recipe sets (in table order). An unknown trainer gives none: the schema's enum reports it.
+
+    Args:
+        fields: the resolved recipe fields (defaults filled in).
+        given: the fields the user set, through the recipe, its `extends` chain or an override.
+    """
+    rules = TRAINERS.get(fields.get("trainer")) if isinstance(fields.get("trainer"), str) else None
+    if rules is None:
+        return []
+    problems = list(rules.check(fields, given))
+    seen = set(rules.fields)
+    for other in TRAINERS.values():
+        for key in other.fields:
+            if key in seen or key not in given:
+                continue
+            seen.add(key)
+            accepting = tuple(name for name, entry in TRAINERS.items() if key in entry.fields)
+            problem = other.misplaced(key, fields.get(key), fields, accepting)
+            if problem:
+                problems.append(problem)
+    return problems
