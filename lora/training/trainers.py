@@ -30,6 +30,7 @@ __all__ = ["BUILDERS", "BUILDER_FUNCTIONS", "trainer_module"]
 BUILDERS: dict[str, str] = {
     "sft": "lora.training.sft",
     "grpo": "lora.training.grpo",
+    "rloo": "lora.training.rloo",
 }
 # What run.py calls on each module, in this order.
 BUILDER_FUNCTIONS = ("load_training_data", "build_recipe_trainer")
