@@ -293,3 +293,47 @@ def test_rloo_sigkill_then_resume_gives_the_uninterrupted_adapter(registry, tmp_
     for name, weight in reference.items():  # restored RNG, optimizer and sampler state: the same samples, bit for bit
         assert torch.equal(resumed[name], weight), name
     assert any(weight.abs().sum() > 0 for name, weight in reference.items() if "lora_B" in name)  # it did learn
+
+
+@pytest.fixture(scope="module")
+def start_adapter(tmp_path_factory, tiny_model_dir):
+    """A DoRA adapter far from the base (random B and magnitudes), saved as the runner saves one."""
+    from lora.adapters.attach import attach_adapter
+
+    folder = tmp_path_factory.mktemp("rloo-start")
+    registry = write_registry(folder, {"start": {"base_model": str(tiny_model_dir), "dataset_path": ARITH,
+                                                 "quant_bits": None, "use_dora": True, "lora_r": 4, "lora_alpha": 8}})
+    recipe = resolve_recipe("start", registry)
+    model = attach_adapter(recipe, load_base_model(recipe["base_model"], QuantisationSettings.unquantised()))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(folder / "start")
+    return folder / "start"
+
+
+@pytest.mark.parametrize("kl_beta", [0.1, 0.0])
+def test_rloo_from_a_trained_adapter_starts_there_and_keeps_a_reference_only_for_a_kl_term(
+        tmp_path, tiny_model_dir, start_adapter, kl_beta):
+    registry = write_registry(tmp_path, {"after": {
+        "base_model": str(tiny_model_dir), "dataset_path": ARITH, "quant_bits": None, "use_dora": True, "lora_r": 4,
+        "lora_alpha": 8, "lora_dropout": 0.0, "init_adapter": str(start_adapter), "trainer": "rloo",
+        "reward_functions": ["numeric_closeness", "format"], "num_generations": 2, "batch_size": 4,
+        "max_completion_length": 3, "max_steps": 2, "logging_steps": 1, "kl_beta": kl_beta, "learning_rate": 0.01}})
+    result = run_recipe(resolve_recipe("after", registry), tmp_path / "out", scoring=harness_scoring())
+    start = load_file(start_adapter / "adapter_model.safetensors")
+    if kl_beta:  # the KL reference is a frozen copy of the start, not the base: the first step's KL is 0
+        from peft.utils import get_peft_model_state_dict
+
+        assert set(result.model.peft_config) == {"default", "ref"}
+        reference = get_peft_model_state_dict(result.model, adapter_name="ref")
+        for name, tensor in start.items():
+            torch.testing.assert_close(reference[name], tensor, rtol=0, atol=0, msg=name)
+        assert abs(result.summary["rewards"]["reward_history"][0]["kl"]) < 1e-6
+    else:  # no KL term: no reference is ever computed, so no copy of the adapter is held
+        assert list(result.model.peft_config) == ["default"]
+    trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()  # the trained adapter alone, moved from the start
+    assert any(not torch.equal(trained[name], start[name]) for name in trained)
