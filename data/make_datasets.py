@@ -5,7 +5,9 @@ Commands (any working directory):
     python data/make_datasets.py --out /tmp/d    # writes /tmp/d/train/*.jsonl and /tmp/d/test/*.jsonl
 
 Three tasks, each 600 train rows and 200 test rows: news sentiment (negative/neutral/positive), named-entity
-extraction (ORG/PER/LOC) and numeric questions on statement snippets. Every sentence is composed here from
+extraction (ORG/PER/LOC) and numeric questions on statement snippets. A fourth, arith, is the reinforcement-learning
+task: one-step dollar arithmetic with whole-number answers whose difficulty is ARITH_MAX_OPERAND (1000 training
+prompts, a 200-row format lesson for the warm start, a fixed 300-row test). Every sentence is composed here from
 templates and vocabularies written for this project: company, broker and person names are invented, cities and
 countries are real places, figures are random. No third-party dataset text is used.
 
@@ -861,10 +863,10 @@ def make_calc_rows(rng: random.Random, names: Names, count: int, seen: set[str])
 # ---------------------------------------------------------------------------------------------------------------
 
 ARITH_INSTRUCTION = "Instruction: Answer with a number only."
-# The difficulty knob: operands are whole dollar amounts from 2 to this value. data/README.md ("Arithmetic") gives the
+# The difficulty knob: operands are whole dollar amounts from 2 to this value. data/README.md ("Arith") gives the
 # sampled accuracy of the warm-started SmolLM2-135M-Instruct per value; bench/rl_gain.py calibrate measures it.
-ARITH_MAX_OPERAND = 30
-# The warm start (a short SFT recipe) only teaches the answer format, on one-digit operands.
+ARITH_MAX_OPERAND = 9
+# The warm start (a short SFT recipe) teaches the answer format on one-digit operands (its own 200 problems).
 ARITH_FORMAT_MAX_OPERAND = 9
 ARITH_TRAIN_ROWS = 1000
 ARITH_FORMAT_ROWS = 200
