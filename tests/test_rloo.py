@@ -337,3 +337,16 @@ def test_rloo_from_a_trained_adapter_starts_there_and_keeps_a_reference_only_for
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert trained.keys() == start.keys()  # the trained adapter alone, moved from the start
     assert any(not torch.equal(trained[name], start[name]) for name in trained)
+
+
+@pytest.mark.parametrize(("raw", "right"), [("42", True), (" 42 dollars.", True), ("$42", True), ("42.5", False),
+                                            ("41 or 42", False), ("12 + 30 = 42", False), ("forty-two", False)])
+def test_the_arith_eval_task_and_the_exact_number_reward_agree(raw, right):
+    from eval.harness.metrics import numbers_match
+    from eval.harness.tasks import load_tasks
+    from lora.prompts.parsing import answer_text, parse_number
+
+    task = load_tasks()["arith"]
+    assert task.kind == "numeric" and (task.rel_tol, task.abs_tol) == (0, 0)  # exact match of the first number
+    assert numbers_match(42.0, parse_number(answer_text(raw)), task.rel_tol, task.abs_tol) is right
+    assert REWARDS["exact_number"](Sample(raw, "42")) == float(right)
