@@ -10,7 +10,9 @@ the test pairs (held out) from the test rows. data/chat/sentiment_train.jsonl ho
 rows ({"messages": [user: context, assistant: target]}).
 
 Three tasks, each 600 train rows and 200 test rows: news sentiment (negative/neutral/positive), named-entity
-extraction (ORG/PER/LOC) and numeric questions on statement snippets. Every sentence is composed here from
+extraction (ORG/PER/LOC) and numeric questions on statement snippets. A fourth, arith, is the reinforcement-learning
+task: one-step dollar arithmetic with whole-number answers whose difficulty is ARITH_MAX_OPERAND (1000 training
+prompts, a 200-row format lesson for the warm start, a fixed 300-row test). Every sentence is composed here from
 templates and vocabularies written for this project: company, broker and person names are invented, cities and
 countries are real places, figures are random. No third-party dataset text is used.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 from decimal import ROUND_HALF_UP, Decimal
@@ -861,6 +864,79 @@ def make_calc_rows(rng: random.Random, names: Names, count: int, seen: set[str])
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Arithmetic (a verifiable task of tunable difficulty, for reinforcement learning)
+# ---------------------------------------------------------------------------------------------------------------
+
+ARITH_INSTRUCTION = "Instruction: Answer with a number only."
+# The difficulty knob: operands are whole dollar amounts from 2 to this value. data/README.md ("Arith") gives the
+# sampled accuracy of the warm-started SmolLM2-135M-Instruct per value; bench/rl_gain.py calibrate measures it.
+ARITH_MAX_OPERAND = 9
+# The warm start (a short SFT recipe) teaches the answer format on one-digit operands (its own 200 problems).
+ARITH_FORMAT_MAX_OPERAND = 9
+ARITH_TRAIN_ROWS = 1000
+ARITH_FORMAT_ROWS = 200
+ARITH_TEST_ROWS = 300
+ARITH_PERCENTS = (10, 20, 25, 50)
+
+
+def arith_sum(rng: random.Random, co: str, top: int) -> tuple[str, int]:
+    a, b = rng.randint(2, top), rng.randint(2, top)
+    text = rng.choice(["{co} had ${a} in cash and received ${b}. How many dollars does it have now?",
+                       "{co} sold goods for ${a} on Monday and ${b} on Tuesday. What were total sales in dollars?"])
+    return text.format(co=co, a=a, b=b), a + b
+
+
+def arith_difference(rng: random.Random, co: str, top: int) -> tuple[str, int]:
+    a, b = sorted(rng.sample(range(2, top + 1), 2), reverse=True)
+    text = rng.choice(["{co} earned ${a} and spent ${b}. What was the profit in dollars?",
+                       "{co} had ${a} in cash and paid a bill of ${b}. How many dollars are left?"])
+    return text.format(co=co, a=a, b=b), a - b
+
+
+def arith_percent(rng: random.Random, co: str, top: int) -> tuple[str, int]:
+    percent = rng.choice(ARITH_PERCENTS)
+    step = 100 // math.gcd(percent, 100)  # the smallest amount of which percent% is a whole number
+    amount = step * rng.randint(1, max(1, top // step))
+    text = rng.choice(["{co} pays {p}% tax on a profit of ${n}. How many dollars of tax does it pay?",
+                       "{co} gives a {p}% discount on an item costing ${n}. How many dollars is the discount?"])
+    return text.format(co=co, p=percent, n=amount), amount * percent // 100
+
+
+ARITH_BUILDERS = [arith_sum, arith_difference, arith_percent]
+
+
+def make_arith_rows(rng: random.Random, names: Names, count: int, seen: set[str],
+                    max_operand: int = ARITH_MAX_OPERAND) -> list[dict]:
+    """`count` one-step problems on whole dollar amounts from 2 to `max_operand` (sums, differences, and 10/20/25/50
+    percent of an amount), the kinds equally often; every answer is a whole number."""
+    kinds = [ARITH_BUILDERS[i % len(ARITH_BUILDERS)] for i in range(count)]
+    rng.shuffle(kinds)
+    rows = []
+    for build in kinds:
+        while True:
+            question, answer = build(rng, rng.choice(names.companies)[0].split()[0], max_operand)
+            context = f"{ARITH_INSTRUCTION}\nInput: {question}\n{ANSWER_SUFFIX}"
+            if context not in seen:
+                break
+        seen.add(context)
+        rows.append({"context": context, "target": str(answer)})
+    return rows
+
+
+def build_arith(full: Names, train_names: Names) -> dict[str, list[dict]]:
+    """The arithmetic files: RL training prompts, the warm start's format lesson, and the fixed held-out test."""
+    seen: set[str] = set()  # shared by all three, so no context lands in two of them
+    offset = len(TASKS)
+    return {
+        "test/arith_test.jsonl": make_arith_rows(random.Random(SEED + 10 * offset + 3), full, ARITH_TEST_ROWS, seen),
+        "train/arith_train.jsonl": make_arith_rows(random.Random(SEED + 10 * offset + 2), train_names,
+                                                   ARITH_TRAIN_ROWS, seen),
+        "train/arith_format_train.jsonl": make_arith_rows(random.Random(SEED + 10 * offset + 4), train_names,
+                                                          ARITH_FORMAT_ROWS, seen, ARITH_FORMAT_MAX_OPERAND),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -917,6 +993,7 @@ def build_all() -> dict[str, list[dict]]:
     files["chat/sentiment_train.jsonl"] = [{"messages": [{"role": "user", "content": row["context"]},
                                                          {"role": "assistant", "content": row["target"]}]}
                                            for row in files["train/sentiment_train.jsonl"]]
+    files.update(build_arith(full, train_names))
     return files
 
 

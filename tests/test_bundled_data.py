@@ -19,6 +19,8 @@ FILES = [f"{split}/{task}_{split}.jsonl" for task in TASKS for split in ("train"
 # dpo pairs and the chat copy of the sentiment train rows (their own formats: not checked as FinLoRA rows below)
 DERIVED = [f"preference/{task}_{split}.jsonl" for task in TASKS for split in ("train", "test")] + [
     "chat/sentiment_train.jsonl"]
+# The RL task: training prompts, the warm start's format lesson, the fixed held-out test (data/README.md).
+ARITH_FILES = {"train/arith_train.jsonl": 1000, "train/arith_format_train.jsonl": 200, "test/arith_test.jsonl": 300}
 SENTIMENT_LABELS = {"negative", "neutral", "positive"}
 DECIMALS_BY_RULE = {"Round to the nearest whole number.": 0, "Round to one decimal.": 1, "Round to two decimals.": 2}
 
@@ -92,6 +94,28 @@ def test_regenerating_reproduces_the_committed_files_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(DATA_DIR / "make_datasets.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.jsonl"))
-    assert written == sorted(FILES + DERIVED)
-    for relative in FILES + DERIVED:
+    assert written == sorted(FILES + DERIVED + list(ARITH_FILES))
+    for relative in FILES + DERIVED + list(ARITH_FILES):
         assert (tmp_path / relative).read_bytes() == (DATA_DIR / relative).read_bytes(), relative
+
+
+def test_arith_rows_are_whole_number_answers_to_their_own_question():
+    contexts = []
+    for relative, count in ARITH_FILES.items():
+        rows = read_rows(relative)
+        assert len(rows) == count, relative
+        for number, row in enumerate(rows, start=1):
+            where = f"{relative}:{number}"
+            assert sorted(row) == ["context", "target"] and row["context"].endswith("\nAnswer: "), where
+            question = input_text(row["context"])
+            amounts = [int(n) for n in re.findall(r"\$(\d+)", question)]
+            percent = re.search(r"(\d+)%", question)
+            if percent:
+                expected = amounts[0] * int(percent.group(1)) / 100
+            elif "received" in question or "total" in question:
+                expected = sum(amounts)
+            else:
+                expected = amounts[0] - amounts[1]
+            assert re.fullmatch(r"\d+", row["target"]) and int(row["target"]) == expected, where
+            contexts.append(row["context"])
+    assert len(set(contexts)) == len(contexts)  # no problem in two files, nor twice in one

@@ -113,8 +113,8 @@ BAD_RL_RECIPES = [
     ({**GRPO, "temperature": 0}, ['field "temperature"', "expected a value > 0"]),
     ({**GRPO, "validation_split": 0.1}, ['field "validation_split" applies to sft recipes only']),
     ({"trainer": "gpro"}, ['field "trainer"', 'nearest: "grpo"']),
-    ({"num_generations": 4}, ['field "num_generations" only applies to grpo recipes (set "trainer": "grpo"']),
-    ({"reward_functions": ["exact_match"]}, ['field "reward_functions" only applies to grpo recipes']),
+    ({"num_generations": 4}, ['field "num_generations" only applies to grpo or rloo recipes (set "trainer": "grpo"']),
+    ({"reward_functions": ["exact_match"]}, ['field "reward_functions" only applies to grpo or rloo recipes']),
 ]
 
 

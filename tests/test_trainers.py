@@ -79,3 +79,12 @@ def test_sft_fields_off_in_a_shared_base_do_not_stop_a_grpo_recipe(tmp_path):
         "rl": {"extends": "_base", "trainer": "grpo", "reward_functions": ["exact_match"]},
     }))
     assert resolve_recipe("rl", registry)["trainer"] == "grpo"
+
+
+def test_the_schema_loss_types_are_exactly_the_trainers_own():
+    from lora.recipes.registry import load_schema
+    from lora.recipes.trainers import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+
+    enum = load_schema()["properties"]["loss_type"]["enum"]
+    assert set(enum) == {*GRPO_LOSS_TYPES, *DPO_LOSS_TYPES, None}
+    assert len(enum) == len(GRPO_LOSS_TYPES) + len(DPO_LOSS_TYPES) + 1

@@ -17,23 +17,29 @@ then name it in a recipe: "reward_functions": ["exact_match", "short_answer"], "
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lora.core.errors import UserError
 from lora.prompts import parsing
 
 __all__ = [
     "answer_format",
     "build_trl_reward",
+    "checked_score",
     "completion_text",
     "exact_match",
+    "exact_number",
     "infer_labels",
     "label_match",
     "MAX_INFERRED_LABELS",
     "NUMERIC_ABS_TOLERANCE",
+    "numeric_closeness",
     "numeric_match",
     "register_reward",
     "reward_names",
+    "RewardError",
     "RewardFunction",
     "REWARDS",
     "Sample",
@@ -75,6 +81,10 @@ class Sample:
     def answer(self) -> str:
         """The completion's answer: the text after its last "Answer:" (all of it when there is none), stripped."""
         return parsing.answer_text(self.completion)
+
+
+class RewardError(UserError):
+    """A reward function raised, or returned a value that is not a finite number (nor None): the run stops."""
 
 
 RewardFunction = Callable[[Sample], "float | None"]
@@ -136,6 +146,34 @@ def numeric_match(sample: Sample) -> float | None:
     return float(abs(answer - target) <= max(sample.tolerance * abs(target), NUMERIC_ABS_TOLERANCE))
 
 
+@register_reward("exact_number")
+def exact_number(sample: Sample) -> float | None:
+    """1 when the answer's first number equals the target's number exactly, else 0: the arith eval task's rule
+    (eval/tasks.json "arith": exact match of the first number). Abstains (None) on a target without a number."""
+    target = parsing.parse_number(sample.target)
+    if target is None:
+        return None
+    return float(parsing.parse_number(sample.answer) == target)
+
+
+@register_reward("numeric_closeness")
+def numeric_closeness(sample: Sample) -> float | None:
+    """Partial credit by relative error: 1 - |answer - target| / max(|target|, 1), floored at 0 (0 without a number).
+
+    Dense where exact_number is all-or-nothing, so that a group whose answers are all wrong still has a spread
+    (an answer off by 1 beats one off by 30). Weigh it well below the exact reward (e.g. 0.1 next to 1.0): a
+    policy must never gain more by being close on many rows than by being right on one. Abstains on a target
+    without a number.
+    """
+    target = parsing.parse_number(sample.target)
+    if target is None:
+        return None
+    answer = parsing.parse_number(sample.answer)
+    if answer is None:
+        return 0.0
+    return max(0.0, 1.0 - abs(answer - target) / max(abs(target), 1.0))
+
+
 @register_reward("format")
 def answer_format(sample: Sample) -> float:
     """1 for a bare answer: the model ended it itself, on one line, with nothing but the answer; else 0.
@@ -168,6 +206,10 @@ def build_trl_reward(name: str, *, labels: tuple[str, ...], tolerance: float, en
     """A batch reward callable in TRL's calling convention around the registered per-sample function `name`.
 
     The callable's `__name__` is `name`, so TRL logs it as `rewards/<name>/mean`.
+
+    Raises (from the callable):
+        RewardError: the function raised, or returned something other than a finite number or None; the message
+            names the reward, what it returned or raised, and the completion and target it was scoring.
     """
     function = REWARDS[name]
 
@@ -188,10 +230,32 @@ def build_trl_reward(name: str, *, labels: tuple[str, ...], tolerance: float, en
                 tolerance=tolerance,
                 row=row,
             )
-            score = function(sample)
-            scores.append(None if score is None else float(score))
+            scores.append(checked_score(name, function, sample))
         return scores
 
     reward.__name__ = name
     reward.__qualname__ = name
     return reward
+
+
+def checked_score(name: str, function: RewardFunction, sample: Sample) -> float | None:
+    """`function(sample)` as a float (or None), or a RewardError: a NaN or an infinity would otherwise flow into
+    the advantages silently (TRL reads NaN as "abstain" and averages around it), and an exception deep inside the
+    trainer would not say which reward or which completion caused it."""
+    where = f"while scoring the completion {sample.completion[:80]!r} (target {sample.target!r})"
+    try:
+        score = function(sample)
+    except Exception as error:  # noqa: BLE001 - any failure of user code stops the run, named
+        raise RewardError(f'reward "{name}" raised {type(error).__name__}: {error} {where}. The run stops: fix '
+                          f"the reward function ({function.__module__}.{function.__qualname__}).") from error
+    if score is None:
+        return None
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise RewardError(f'reward "{name}" returned {score!r} {where}; a reward must be a finite number, or None '
+                          f"to abstain. The run stops: fix the reward function "
+                          f"({function.__module__}.{function.__qualname__}).")
+    return value

@@ -25,7 +25,15 @@ from typing import Any
 
 from lora.core.errors import did_you_mean
 
-__all__ = ["TRAINERS", "TrainerRules", "trainer_problems"]
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "ONLINE_RL_FIELDS",
+    "TRAINERS",
+    "TrainerRules",
+    "trainer_loss_type",
+    "trainer_problems",
+]
 
 Check = Callable[[Mapping[str, Any], set[str]], list[str]]
 Misplaced = Callable[[str, Any, Mapping[str, Any], tuple[str, ...]], "str | None"]
@@ -81,19 +89,27 @@ SFT = TrainerRules(
 )
 
 
-# ---- grpo ---------------------------------------------------------------------------------------------------------
+# ---- grpo and rloo (online reinforcement learning) -----------------------------------------------------------
 
-def _grpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
-    """Reinforcement-learning fields: they name registered rewards, and the groups fit the batch."""
+# What both RL trainers read: sampling, rewards, the KL weight and the clip range (TRL's names where TRL has one;
+# kl_beta is TRL's beta).
+ONLINE_RL_FIELDS = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
+                    "temperature", "reward_tolerance", "num_iterations", "epsilon", "epsilon_high")
+
+
+def _online_rl_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    """Reinforcement-learning fields: they name registered rewards, the groups fit the batch, and the clip range
+    is one that acts."""
     from lora.prompts.rewards import reward_names  # the registry; imports no torch
 
+    trainer = fields.get("trainer")
     problems = []
     known = reward_names()
     names = fields.get("reward_functions")
     if not isinstance(names, list):  # already reported by the schema
         names = []
     elif not names:
-        problems.append(f'field "reward_functions": a grpo recipe needs at least one reward '
+        problems.append(f'field "reward_functions": a {trainer} recipe needs at least one reward '
                         f'(known: {", ".join(known)})')
     for name in names:
         if isinstance(name, str) and name not in known:
@@ -106,17 +122,66 @@ def _grpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
     batch, accumulation, group = (fields.get(key) for key in ("batch_size", "gradient_accumulation_steps",
                                                                "num_generations"))
     if all(isinstance(v, int) and v > 0 for v in (batch, accumulation, group)) and (batch * accumulation) % group:
-        problems.append(f'field "batch_size": GRPO samples num_generations ({group}) completions per prompt, so '
-                        f"batch_size x gradient_accumulation_steps ({batch} x {accumulation}) must be a multiple of "
-                        f"{group} (batch_size counts completions, not prompts)")
+        problems.append(f'field "batch_size": {str(trainer).upper()} samples num_generations ({group}) completions '
+                        f"per prompt, so batch_size x gradient_accumulation_steps ({batch} x {accumulation}) must be a "
+                        f"multiple of {group} (batch_size counts completions, not prompts)")
+    low, high = fields.get("epsilon"), fields.get("epsilon_high")
+    if _is_number(low) and _is_number(high) and 0 < high < low:
+        problems.append(f'field "epsilon_high": {high} is below epsilon ({low}); the clip range is [1 - epsilon, '
+                        f"1 + epsilon_high] (nearest valid value: {low}, or null for epsilon)")
+    if fields.get("num_iterations") == 1:
+        for key in ("epsilon", "epsilon_high"):
+            if key in given:
+                problems.append(f'field "{key}" has no effect with num_iterations 1: each batch is trained on once, '
+                                "by the policy that sampled it, so the probability ratio is 1 and never clipped "
+                                '(set "num_iterations" to 2 or more, or drop it)')
     return problems
+
+
+# `loss_type` is TRL's field name in both GRPOConfig and DPOConfig, with different values: one recipe field, whose
+# allowed values and default depend on the trainer (the schema's enum is their union, kept equal by a test).
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+_LOSS_TYPES = {"grpo": GRPO_LOSS_TYPES, "dpo": DPO_LOSS_TYPES}
+
+
+def trainer_loss_type(fields: Mapping[str, Any]) -> str:
+    """The recipe's loss_type, or TRL's default for its trainer when the recipe leaves it null."""
+    return fields.get("loss_type") or _LOSS_TYPES[fields["trainer"]][0]
+
+
+def _loss_type_problems(fields: Mapping[str, Any]) -> list[str]:
+    value, allowed = fields.get("loss_type"), _LOSS_TYPES[fields["trainer"]]
+    if value is None or value in allowed:
+        return []
+    return [f'field "loss_type": "{value}" is a loss of another trainer, not of {fields["trainer"]} (allowed: '
+            f'{", ".join(allowed)}; nearest: "{allowed[0]}", TRL\'s default)']
+
+
+def _grpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
+    """The RL checks, and the entropy guard's target only where the guard is on."""
+    problems = _online_rl_problems(fields, given) + _loss_type_problems(fields)
+    if "entropy_target" in given and fields.get("use_adaptive_entropy") is False:
+        problems.append('field "entropy_target" needs "use_adaptive_entropy": true (the target only steers the '
+                        "adaptive entropy guard; set it, or drop entropy_target)")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 GRPO = TrainerRules(
     name="grpo",
-    fields=("reward_functions", "reward_weights", "num_generations", "max_completion_length", "kl_beta",
-            "temperature", "reward_tolerance"),
+    fields=ONLINE_RL_FIELDS + ("loss_type", "scale_rewards", "entropy_coef", "use_adaptive_entropy",
+                               "entropy_target"),
     check=_grpo_problems,
+)
+RLOO = TrainerRules(
+    name="rloo",
+    fields=ONLINE_RL_FIELDS + ("normalize_advantages",),
+    check=_online_rl_problems,
 )
 
 
@@ -124,7 +189,7 @@ GRPO = TrainerRules(
 
 def _dpo_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:
     """DPO trains on pairs: an explicitly declared data format other than preference cannot work."""
-    problems = []
+    problems = _loss_type_problems(fields)
     for index, entry in enumerate(fields.get("datasets") or []):
         if isinstance(entry, dict) and entry.get("format") not in (None, "auto", "preference"):
             problems.append(f'field "datasets[{index}]": a dpo recipe trains on preference rows ({{"prompt", '
@@ -142,7 +207,7 @@ DPO = TrainerRules(
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 
-TRAINERS: dict[str, TrainerRules] = {rules.name: rules for rules in (SFT, GRPO, DPO)}
+TRAINERS: dict[str, TrainerRules] = {rules.name: rules for rules in (SFT, GRPO, RLOO, DPO)}
 
 
 def trainer_problems(fields: Mapping[str, Any], given: set[str]) -> list[str]:

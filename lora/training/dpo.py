@@ -29,6 +29,7 @@ from trl import DPOConfig, DPOTrainer
 
 from lora.core.errors import DataError
 from lora.prompts.templates import encode_completion
+from lora.recipes.trainers import trainer_loss_type
 from lora.training.data_mixture import TrainingData, training_rows
 from lora.training.grpo import restore_adapter_dtypes, use_base_as_reference
 from lora.training.sft import (
@@ -227,7 +228,7 @@ def build_dpo_config(recipe, checkpoint_dir: Path, *, has_validation: bool) -> D
         max_length=None,  # encode_preference already fits each pair into max_seq_length
         include_num_input_tokens_seen="non_padding",
         beta=recipe["beta"],
-        loss_type=[recipe["loss_type"]],
+        loss_type=[trainer_loss_type(recipe)],
     )
 
 

@@ -13,6 +13,9 @@ Prompts are the rows' contexts under the recipe's `prompt_template` (lora.prompt
 rule training, the evaluation harness and the server share (lora.prompts.templates.encode_prompt_text: trailing
 whitespace left for the answer); each row's `target` reaches the reward functions. Completions end at the tokens the
 harness and the server stop at (lora.prompts.generation.stop_token_ids).
+
+What GRPO and RLOO (lora/training/rloo.py) share lives here: the prompt dataset, the reward callables, the run-record
+history, the trainer behaviour (OnlineRlTrainer) and the reference and dtype rules (build_online_rl_trainer).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lora.prompts.generation import stop_token_ids
 from lora.prompts.mixtures import dataset_specs, mix_datasets
 from lora.prompts.rewards import build_trl_reward, infer_labels
 from lora.prompts.templates import adds_special_tokens, check_template, encode_prompt_text, prompt_text
+from lora.recipes.trainers import trainer_loss_type
 from lora.training.sft import (
     ProgressAndGuard,
     RecipeTrainer,
@@ -43,14 +47,17 @@ from lora.training.sft import (
 __all__ = [
     "LOGGED_METRICS",
     "GrpoHistory",
+    "OnlineRlTrainer",
     "RecipeGrpoTrainer",
     "RewardLog",
     "build_grpo_config",
     "build_grpo_trainer",
+    "build_online_rl_trainer",
     "build_prompt_dataset",
     "build_recipe_trainer",
     "build_reward_functions",
     "load_training_data",
+    "online_rl_arguments",
     "restore_adapter_dtypes",
     "use_base_as_reference",
 ]
@@ -67,11 +74,20 @@ class GrpoHistory(TrainingHistory):
     rewards: list[dict] = field(default_factory=list)
 
     def reward_record(self) -> dict:
-        """Reward figures for run_summary.json: first and final mean reward, and the logged history."""
-        curve = [entry["reward"] for entry in self.rewards if entry.get("reward") is not None]
+        """Reward figures for run_summary.json: first and final mean reward, the mean share of dead groups (all
+        answers of a prompt rewarded alike: no learning signal), first and final sampling entropy, and the logged
+        history (every step's reward, frac_reward_zero_std, entropy, kl, ...)."""
+
+        def curve(key: str) -> list[float]:
+            return [entry[key] for entry in self.rewards if entry.get(key) is not None]
+
+        rewards, dead, entropy = curve("reward"), curve("frac_reward_zero_std"), curve("entropy")
         return {
-            "first_reward": curve[0] if curve else None,
-            "final_reward": curve[-1] if curve else None,
+            "first_reward": rewards[0] if rewards else None,
+            "final_reward": rewards[-1] if rewards else None,
+            "dead_group_share": sum(dead) / len(dead) if dead else None,
+            "first_entropy": entropy[0] if entropy else None,
+            "final_entropy": entropy[-1] if entropy else None,
             "reward_history": self.rewards,
         }
 
@@ -99,13 +115,14 @@ class RewardLog(TrainerCallback):
         return control
 
 
-class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
-    """TRL's GRPOTrainer with the SFT trainer's run behaviour (lora.training.sft.RecipeTrainer comes first in the MRO):
-    atomic checkpoints under checkpoints/.incomplete/, the stop on a non-finite loss or adapter weight before that
-    step is checkpointed; and the completion tokens trained on counted as the run record's answer tokens."""
+class OnlineRlTrainer(RecipeTrainer):
+    """The SFT trainer's run behaviour for TRL's online RL trainers (GRPO, RLOO), which come after this class in the
+    MRO (`class RecipeGrpoTrainer(OnlineRlTrainer, GRPOTrainer)`): atomic checkpoints under checkpoints/.incomplete/,
+    the stop on a non-finite loss or adapter weight before that step is checkpointed; prompts encoded by the shared
+    rule; and the completion tokens trained on counted as the run record's answer tokens."""
 
     completion_tokens_seen = 0
-    prompt_template = "plain"  # set by build_grpo_trainer: how its text prompts are encoded
+    prompt_template = "plain"  # set by build_online_rl_trainer: how its text prompts are encoded
 
     def _tokenize_prompts(self, prompts: list):
         # The dataset's prompts are rendered texts (chat turns included): encode them by the shared rule rather than
@@ -115,8 +132,8 @@ class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
         return ids, None, {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # GRPO batches carry completion masks, not SFT labels: skip RecipeTrainer's label counting.
-        return GRPOTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        # RL batches carry completion masks, not SFT labels: skip RecipeTrainer's label counting, use TRL's loss.
+        return super(RecipeTrainer, self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -133,25 +150,44 @@ class RecipeGrpoTrainer(RecipeTrainer, GRPOTrainer):
         """TRL writes a hub model card into the checkpoint folder on every save; the runner writes its own."""
 
 
-def build_grpo_config(recipe, checkpoint_dir: Path, *, stop_ids: Sequence[int]) -> GRPOConfig:
-    """GRPOConfig from a recipe: the same optimisation and logging fields as lora.training.sft's SFT arguments.
+class RecipeGrpoTrainer(OnlineRlTrainer, GRPOTrainer):
+    """TRL's GRPOTrainer with the runner's behaviour (OnlineRlTrainer)."""
+
+
+def online_rl_arguments(recipe, checkpoint_dir: Path, *, stop_ids: Sequence[int]) -> dict:
+    """The config arguments GRPOConfig and RLOOConfig share, from a recipe: the SFT optimisation and logging fields
+    (lora.training.sft.shared_trainer_arguments), sampling, the KL weight and the clipped-ratio settings.
 
     `stop_ids` (lora.prompts.generation.stop_token_ids) are what sampling stops at, instead of TRL's own choice.
     """
-    return GRPOConfig(
+    return dict(
         **shared_trainer_arguments(recipe, checkpoint_dir),
         eval_strategy="no",
         # TRL turns these on by default; the recipe decides, as for SFT (bf16 autocast is not what a recipe asked).
         gradient_checkpointing=recipe["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=False,
-        # GRPO proper
         num_generations=recipe["num_generations"],
         max_completion_length=recipe["max_completion_length"],
         beta=recipe["kl_beta"],
         temperature=recipe["temperature"],
         reward_weights=recipe["reward_weights"],
         generation_kwargs={"eos_token_id": list(stop_ids)},
+        num_iterations=recipe["num_iterations"],
+        epsilon=recipe["epsilon"],
+        epsilon_high=recipe["epsilon_high"],
+    )
+
+
+def build_grpo_config(recipe, checkpoint_dir: Path, *, stop_ids: Sequence[int]) -> GRPOConfig:
+    """GRPOConfig from a recipe: online_rl_arguments plus GRPO's loss, reward scaling and entropy guard."""
+    return GRPOConfig(
+        **online_rl_arguments(recipe, checkpoint_dir, stop_ids=stop_ids),
+        loss_type=trainer_loss_type(recipe),
+        scale_rewards=recipe["scale_rewards"],
+        entropy_coef=recipe["entropy_coef"],
+        use_adaptive_entropy=recipe["use_adaptive_entropy"],
+        entropy_target=recipe["entropy_target"],
     )
 
 
@@ -192,16 +228,24 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
         `trainer.total_answer_tokens()` work as for the SFT trainer; `history` is a TrainingHistory (losses,
         wall time, non-finite guard) with `rewards` and `reward_record()` added.
     """
+    return build_online_rl_trainer(RecipeGrpoTrainer, build_grpo_config, recipe, model, tokenizer, train_rows,
+                                   checkpoint_dir)
+
+
+def build_online_rl_trainer(trainer_class, build_config, recipe, model, tokenizer, train_rows: list[dict],
+                            checkpoint_dir: Path):
+    """An online RL trainer (`trainer_class`, an OnlineRlTrainer) with its config from `build_config(recipe,
+    checkpoint_dir, stop_ids=...)`; arguments and result as build_grpo_trainer's."""
     history = GrpoHistory()
     progress = ProgressAndGuard(history)
     adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     # Where an answer ends, as the harness scores it and the server serves it (EOS, the model's declared end ids,
     # the template's end of turn).
     stop_ids = stop_token_ids(tokenizer, recipe["prompt_template"], model.generation_config)
-    trainer = RecipeGrpoTrainer(
+    trainer = trainer_class(
         model=model,
         reward_funcs=build_reward_functions(recipe, train_rows, stop_ids),
-        args=build_grpo_config(recipe, checkpoint_dir, stop_ids=stop_ids),
+        args=build_config(recipe, checkpoint_dir, stop_ids=stop_ids),
         train_dataset=build_prompt_dataset(recipe, tokenizer, train_rows),
         processing_class=tokenizer,
         callbacks=[progress, RewardLog(history, progress)],
@@ -212,17 +256,18 @@ def build_grpo_trainer(recipe, model, tokenizer, train_rows: list[dict], checkpo
     trainer.eos_token_ids = list(stop_ids)
     trainer.prompt_template = recipe["prompt_template"]
     use_recipe_callbacks(trainer)
-    if not recipe["init_adapter"]:
+    # Without a KL term the reference is never computed: TRL's copy of a starting adapter would only cost memory.
+    if not recipe["init_adapter"] or recipe["kl_beta"] == 0:
         use_base_as_reference(trainer.model)
     restore_adapter_dtypes(trainer.model, adapter_dtypes)
     return trainer, history
 
 
 def load_training_data(recipe, tokenizer) -> tuple[list[dict], str]:
-    """The "grpo" entry of the trainer table (lora/training/trainers.py): the training rows, whose contexts become
-    prompts and whose targets reach the rewards."""
+    """The "grpo" (and "rloo") entry of the trainer table (lora/training/trainers.py): the training rows, whose
+    contexts become prompts and whose targets reach the rewards."""
     rows = mix_datasets(dataset_specs(recipe), recipe["seed"], formats=("finlora",)).rows
-    return rows, f"{min(len(rows), recipe['max_train_examples'] or len(rows))} prompts for GRPO"
+    return rows, f"{min(len(rows), recipe['max_train_examples'] or len(rows))} prompts for {recipe['trainer'].upper()}"
 
 
 def build_recipe_trainer(recipe, model, tokenizer, data: list[dict], checkpoint_dir: Path):
@@ -233,12 +278,12 @@ def build_recipe_trainer(recipe, model, tokenizer, data: list[dict], checkpoint_
 def use_base_as_reference(model) -> None:
     """Make the KL reference the frozen base (adapter disabled) instead of a copy of the adapter.
 
-    Given an existing peft model and beta > 0, TRL 1.16 adds a second adapter "ref" copied from "default" and takes
-    the reference log-probabilities through it; without one it runs the model under `disable_adapter()`. A fresh
-    adapter (LoRA B = 0, DoRA magnitude = the base's row norms) equals the base, so the copy only equals the base up
-    to rounding and costs an adapter's memory. Dropping it leaves TRL's other branch: the base itself, exactly.
-    A recipe with init_adapter keeps the copy: its reference is the starting policy (e.g. the supervised adapter),
-    which the base is not.
+    Given an existing peft model, TRL 1.16 (GRPO and RLOO alike) adds a second adapter "ref" copied from "default"
+    and takes the reference log-probabilities through it; without one it runs the model under `disable_adapter()`.
+    A fresh adapter (LoRA B = 0, DoRA magnitude = the base's row norms) equals the base, so the copy only equals the
+    base up to rounding and costs an adapter's memory. Dropping it leaves TRL's other branch: the base itself,
+    exactly. A recipe with init_adapter keeps the copy when it has a KL term (kl_beta > 0): its reference is the
+    starting policy (e.g. the supervised adapter), which the base is not.
     """
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")

@@ -31,6 +31,7 @@ BUILDERS: dict[str, str] = {
     "sft": "lora.training.sft",
     "grpo": "lora.training.grpo",
     "dpo": "lora.training.dpo",
+    "rloo": "lora.training.rloo",
 }
 # What run.py calls on each module, in this order.
 BUILDER_FUNCTIONS = ("load_training_data", "build_recipe_trainer")
