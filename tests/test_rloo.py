@@ -337,8 +337,10 @@ def test_rloo_from_a_trained_adapter_starts_there_and_keeps_a_reference_only_for
     else:  # no KL term: no reference is ever computed, so no copy of the adapter is held
         assert list(result.model.peft_config) == ["default"]
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert trained.keys() == start.keys()  # the trained adapter alone, moved from the start
-    assert any(not torch.equal(trained[name], start[name]) for name in trained)
+    assert trained.keys() == start.keys()  # the trained adapter alone, no reference copy published
+    assert result.summary["steps"] == 2
+    # Whether 2 steps move it depends on the sampled rewards (a group with no reward spread gives no gradient, and
+    # without a KL term nothing else does): the reward rising is tested on a learnable task above.
 
 
 @pytest.mark.parametrize(("raw", "right"), [("42", True), (" 42 dollars.", True), ("$42", True), ("42.5", False),

@@ -40,6 +40,8 @@ def _a_value_that_turns_it_on(spec: dict):
     """A valid, non-empty value for a schema property: a field set to it matters to whichever trainer reads it."""
     if spec.get("default"):
         return spec["default"]
+    if "enum" in spec:
+        return next(value for value in spec["enum"] if value is not None)
     types = spec.get("type")
     types = types if isinstance(types, list) else [types]
     if "boolean" in types:

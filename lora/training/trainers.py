@@ -30,8 +30,8 @@ __all__ = ["BUILDERS", "BUILDER_FUNCTIONS", "trainer_module"]
 BUILDERS: dict[str, str] = {
     "sft": "lora.training.sft",
     "grpo": "lora.training.grpo",
-    "dpo": "lora.training.dpo",
     "rloo": "lora.training.rloo",
+    "dpo": "lora.training.dpo",
 }
 # What run.py calls on each module, in this order.
 BUILDER_FUNCTIONS = ("load_training_data", "build_recipe_trainer")
