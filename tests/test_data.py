@@ -114,7 +114,8 @@ def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp
             for i in range(20)]
     held_out = [{"context": f"Input: held-out headline {i}.\nAnswer: ", "target": "neutral"} for i in range(3)]
     recipe = {"prompt_template": "plain", "dataset_path": _write_rows(tmp_path / "train.jsonl", rows), "seed": 3,
-              "validation_path": None, "validation_split": 0.2, "max_train_examples": None, "max_seq_length": 24}
+              "validation_path": None, "validation_split": 0.2, "max_train_examples": None, "max_seq_length": 24,
+              "trainer": "sft", "datasets": None}
     expected = {tuple(e["input_ids"]): e["labels"] for e in (encode_example(r, "plain", tokenizer, 24) for r in rows)}
 
     train, validation = build_datasets(recipe, tokenizer)
@@ -125,8 +126,8 @@ def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp
     assert sorted(tuple(e["input_ids"]) for e in examples) == sorted(expected)
     assert all(e["labels"] == expected[tuple(e["input_ids"])] for e in examples)
 
-    assert build_datasets(recipe, tokenizer)[0]["input_ids"] == train["input_ids"]  # the seed fixes the order
-    assert build_datasets({**recipe, "seed": 4}, tokenizer)[0]["input_ids"] != train["input_ids"]
+    assert build_datasets(recipe, tokenizer).train["input_ids"] == train["input_ids"]  # the seed fixes the order
+    assert build_datasets({**recipe, "seed": 4}, tokenizer).train["input_ids"] != train["input_ids"]
     unsplit, none = build_datasets({**recipe, "validation_split": 0}, tokenizer)
     assert none is None and len(unsplit) == 20
 
@@ -135,7 +136,7 @@ def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp
     assert len(capped) == 4  # the cap is on training rows only, after the shuffle
     assert capped["input_ids"] == unsplit["input_ids"][:4]
     assert validation["input_ids"] == [encode_example(r, "plain", tokenizer, 24)["input_ids"] for r in held_out]
-    assert len(build_datasets({**recipe, "max_train_examples": 50, "validation_split": 0}, tokenizer)[0]) == 20
+    assert len(build_datasets({**recipe, "max_train_examples": 50, "validation_split": 0}, tokenizer).train) == 20
 
 
 def test_padded_batches_pad_labels_with_the_ignore_index_to_the_longest_example(tokenizer):

@@ -111,7 +111,7 @@ BAD_RL_RECIPES = [
     ({**GRPO, "num_generations": 1}, ['field "num_generations"', "nearest valid value: 2"]),
     ({**GRPO, "kl_beta": -0.1}, ['field "kl_beta"', "nearest valid value: 0"]),
     ({**GRPO, "temperature": 0}, ['field "temperature"', "expected a value > 0"]),
-    ({**GRPO, "validation_split": 0.1}, ['field "validation_split" applies to sft recipes only']),
+    ({**GRPO, "validation_split": 0.1}, ['field "validation_split" applies to sft and dpo recipes only']),
     ({"trainer": "gpro"}, ['field "trainer"', 'nearest: "grpo"']),
     ({"num_generations": 4}, ['field "num_generations" only applies to grpo or rloo recipes (set "trainer": "grpo"']),
     ({"reward_functions": ["exact_match"]}, ['field "reward_functions" only applies to grpo or rloo recipes']),
