@@ -40,7 +40,8 @@ def whole_text_ids(row, template, tokenizer) -> list[int]:
 
 
 def test_bundled_data_is_there():
-    assert {path.parent.name for path in BUNDLED} == {"train", "test"} and len(BUNDLED) == 6
+    # three FinLoRA-style tasks (train + test each) and the RL task arith (training prompts, format lesson, test)
+    assert {path.parent.name for path in BUNDLED} == {"train", "test"} and len(BUNDLED) == 9
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
