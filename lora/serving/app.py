@@ -48,6 +48,7 @@ __all__ = [
     "CompletionRequest",
     "create_app",
     "DEFAULT_ADAPTER_ROOT",
+    "GenerationSettings",
     "MAX_PROMPTS_PER_REQUEST",
     "MAX_STOP_SEQUENCES",
     "resolve_served_base",
@@ -79,12 +80,11 @@ def _whole_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_whole_text)]
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions (OpenAI's fields that this server implements; any other field is an error)."""
+class GenerationSettings(BaseModel):
+    """The sampling fields both completion routes take (OpenAI's names; any other field is an error)."""
 
     model_config = ConfigDict(extra="forbid")
     model: Text
-    prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -93,35 +93,33 @@ class CompletionRequest(BaseModel):
     stream: bool = Field(False, description="streaming is not supported")
     user: Text | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or any(not sequence for sequence in stops):
+            raise ValueError(f"give at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
+        return stop
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream):
+        if stream:
+            raise ValueError("streaming is not supported; send stream: false")
+        return stream
+
+
+class CompletionRequest(GenerationSettings):
+    """POST /v1/completions: one prompt or a list of them."""
+
+    prompt: Text | list[Text]
+
     @field_validator("prompt")
     @classmethod
     def _prompt_count(cls, prompt):
         if isinstance(prompt, list) and not 1 <= len(prompt) <= MAX_PROMPTS_PER_REQUEST:
             raise ValueError(f"give 1 to {MAX_PROMPTS_PER_REQUEST} prompts per request")
         return prompt
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_sequences(cls, stop):
-        return _checked_stop(stop)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, stream):
-        return _checked_stream(stream)
-
-
-def _checked_stop(stop):
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    if len(stops) > MAX_STOP_SEQUENCES or any(not sequence for sequence in stops):
-        raise ValueError(f"give at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
-    return stop
-
-
-def _checked_stream(stream):
-    if stream:
-        raise ValueError("streaming is not supported; send stream: false")
-    return stream
 
 
 class ChatMessage(BaseModel):
@@ -138,29 +136,10 @@ class ChatMessage(BaseModel):
         return _whole_text(value) if isinstance(value, str) else value
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions (OpenAI's fields that this server implements; any other field is an error)."""
+class ChatCompletionRequest(GenerationSettings):
+    """POST /v1/chat/completions: OpenAI-style messages, rendered with the tokenizer's chat template."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: Text
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 completion per request is supported")
-    stream: bool = Field(False, description="streaming is not supported")
-    user: Text | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_sequences(cls, stop):
-        return _checked_stop(stop)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, stream):
-        return _checked_stream(stream)
 
 
 class AdapterLoadRequest(BaseModel):
