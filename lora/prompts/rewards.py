@@ -131,16 +131,25 @@ def label_match(sample: Sample) -> float | None:
     return float(parsing.match_label(sample.answer, sample.labels) == parsing.match_label(sample.target, sample.labels))
 
 
+def _numbers(sample: Sample) -> tuple[float, float | None] | None:
+    """The target's number and the answer's first number (None when it has none), or None when the target holds no
+    number: the one reading every numeric reward starts from (each abstains then)."""
+    target = parsing.parse_number(sample.target)
+    if target is None:
+        return None
+    return target, parsing.parse_number(sample.answer)
+
+
 @register_reward("numeric_match")
 def numeric_match(sample: Sample) -> float | None:
     """1 when the answer's first number is within `tolerance` (relative) of the target's number, else 0.
 
     Abstains (None) on a row whose target holds no number.
     """
-    target = parsing.parse_number(sample.target)
-    if target is None:
+    numbers = _numbers(sample)
+    if numbers is None:
         return None
-    answer = parsing.parse_number(sample.answer)
+    target, answer = numbers
     if answer is None:
         return 0.0
     return float(abs(answer - target) <= max(sample.tolerance * abs(target), NUMERIC_ABS_TOLERANCE))
@@ -150,10 +159,11 @@ def numeric_match(sample: Sample) -> float | None:
 def exact_number(sample: Sample) -> float | None:
     """1 when the answer's first number equals the target's number exactly, else 0: the arith eval task's rule
     (eval/tasks.json "arith": exact match of the first number). Abstains (None) on a target without a number."""
-    target = parsing.parse_number(sample.target)
-    if target is None:
+    numbers = _numbers(sample)
+    if numbers is None:
         return None
-    return float(parsing.parse_number(sample.answer) == target)
+    target, answer = numbers
+    return float(answer == target)
 
 
 @register_reward("numeric_closeness")
@@ -165,10 +175,10 @@ def numeric_closeness(sample: Sample) -> float | None:
     policy must never gain more by being close on many rows than by being right on one. Abstains on a target
     without a number.
     """
-    target = parsing.parse_number(sample.target)
-    if target is None:
+    numbers = _numbers(sample)
+    if numbers is None:
         return None
-    answer = parsing.parse_number(sample.answer)
+    target, answer = numbers
     if answer is None:
         return 0.0
     return max(0.0, 1.0 - abs(answer - target) / max(abs(target), 1.0))
