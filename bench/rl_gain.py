@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
 import subprocess
 import sys
@@ -125,10 +124,17 @@ def run_design(args, argv: list[str] | None = None) -> dict:
         "dead_group_share": rewards.get("dead_group_share"),
         "entropy": [rewards.get("first_entropy"), rewards.get("final_entropy")],
         "train_seconds": summary.get("train_seconds"), "bench_seconds": time.perf_counter() - started,
-        "cpu": machine(), "threads": os.cpu_count(),
+        "cpu": machine(), "threads": torch_threads(),
         "command": " ".join(["python", "bench/rl_gain.py", *(argv or sys.argv[1:])]),
     }
     return row
+
+
+def torch_threads() -> int:
+    """The threads torch computed with (OMP_NUM_THREADS=1 on a shared machine), not the machine's core count."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def table_row(row: dict) -> str:
