@@ -212,3 +212,31 @@ def test_a_continued_tpe_study_does_not_repeat_its_first_draws(sweep_home, tmp_p
     assert main(["again", "--sweeps", str(sweeps), "--output-dir", str(out)]) == 0
     first, second = load_study(out, "again").trials
     assert first.params["learning_rate"] != second.params["learning_rate"]
+
+
+def checkout_copy(source, folder, **recipe_changes):
+    """The registry, its data and sweeps file copied into another folder, as a second machine's checkout holds them
+    (optionally with the base recipe changed)."""
+    folder.mkdir()
+    registry = json.loads((source / "finetune_configs.json").read_text())
+    registry["tiny"].update(recipe_changes)
+    (folder / "finetune_configs.json").write_text(json.dumps(registry))
+    (folder / "train.jsonl").write_text((source / "train.jsonl").read_text())
+    return write_sweeps(folder, {"shared": GRID})
+
+
+def test_a_study_is_joined_from_a_checkout_in_another_folder_and_refused_when_the_recipe_differs(sweep_home,
+                                                                                                   tmp_path):
+    from lora.sweeps.spec import SweepError, load_sweep
+    from lora.sweeps.study import open_study
+
+    storage = f"sqlite:///{tmp_path / 'shared.sqlite3'}"  # stands in for the --storage URL all machines share
+    first = checkout_copy(sweep_home, tmp_path / "alice-checkout")
+    open_study(load_sweep("shared", first), tmp_path / "out-a", storage=storage)
+    # The same search from a checkout elsewhere (another machine's path) joins the study.
+    second = checkout_copy(sweep_home, tmp_path / "bob-checkout")
+    assert open_study(load_sweep("shared", second), tmp_path / "out-b", storage=storage).study_name == "shared"
+    # A checkout whose base recipe differs is another search: refused, naming it.
+    changed = checkout_copy(sweep_home, tmp_path / "changed-checkout", learning_rate=0.02)
+    with pytest.raises(SweepError, match="another definition"):
+        open_study(load_sweep("shared", changed), tmp_path / "out-c", storage=storage)

@@ -39,6 +39,7 @@ __all__ = [
     "parse_override",
     "PATH_FIELDS",
     "read_registry",
+    "recipe_as_written",
     "Recipe",
     "RECIPE_NAME_PATTERN",
     "REPO_ROOT",
@@ -164,6 +165,13 @@ def _resolve_path(path: Path) -> Path | None:
         if error.errno == errno.ELOOP:
             return None
         raise
+
+
+def recipe_as_written(raw_registry: dict[str, dict], name: str) -> dict[str, Any]:
+    """The fields `name` and its ancestors set, merged, as the registry writes them (aliases renamed, relative paths
+    still relative, descriptions left out): what a recipe is, the same wherever the registry file lies."""
+    merged = _RegistryView(DEFAULT_REGISTRY, raw_registry).merged(name).fields
+    return {key: value for key, value in merged.items() if key not in ("description", "extends")}
 
 
 def runnable_names(raw_registry: dict[str, dict]) -> list[str]:

@@ -25,6 +25,7 @@ from lora.recipes.registry import (
     REPO_ROOT,
     load_schema,
     read_registry,
+    recipe_as_written,
     resolve_recipe,
     runnable_names,
 )
@@ -154,9 +155,11 @@ class Sweep:
         return self.trials
 
     def fingerprint(self) -> str:
-        """A hash of what decides the trials (not descriptions): a continued study must be the same search."""
+        """A hash of what decides the trials (not descriptions): a continued study must be the same search. The base
+        recipe counts by its fields, not by where its registry lies, so that workers whose checkouts are in different
+        folders (several machines sharing one --storage) join the same study."""
         keyed = {key: self.definition.get(key) for key in ("recipe", "set", "space", "objective", "sampler", "pruner")}
-        keyed["registry"] = str(self.registry_path)
+        keyed["base_recipe"] = recipe_as_written(read_registry(self.registry_path)[1], self.recipe)
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_output_dir(self) -> Path:
