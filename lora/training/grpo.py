@@ -1,7 +1,7 @@
 """GRPO (reinforcement learning) for recipes with "trainer": "grpo": TRL's GRPOTrainer, on Accelerate, built from a
 recipe so that `lora/finetune.py` drives it exactly like the supervised Trainer.
 
-    python lora/finetune.py sentiment_smollm2_135m_4bits_r8_dora_grpo    # a grpo recipe, through the usual runner
+    python lora/finetune.py arith_smollm2_135m_4bits_r8_dora_grpo    # a grpo recipe, through the usual runner
 
 Each step samples `num_generations` completions per prompt from the adapter-wrapped model, scores them with the
 recipe's `reward_functions` (lora/prompts/rewards.py), and raises the likelihood of the completions that beat their
