@@ -48,6 +48,12 @@ MODULES: dict[str, list[str]] = {
     "lora/recipes/registry.py": ["tests/test_recipes.py", "tests/test_quantisation_settings.py"],
     "lora/adapters/fast_dora.py": ["tests/test_fast_dora.py"],
 }
+# Tests left out of a module's mutation run, with why. A child process started in another folder inherits mutmut's
+# MUTANT_UNDER_TEST but cannot find its configuration there and fails every run (mutmut's stats phase stops at it);
+# mutmut credits no kill to a child process anyway, so leaving such a test out changes no verdict.
+DESELECTED: dict[str, list[str]] = {
+    "lora/recipes/registry.py": ["tests/test_recipes.py::test_finlora_recipe_dry_runs_from_another_folder"],
+}
 COPIED = ["data", "finetune_configs.json", "accelerate_configs", "bench", "README.md", "requirements.txt"]
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "killed by signal",
@@ -65,7 +71,8 @@ def mutmut_section(module: str, tests: list[str]) -> str:
         f"also_copy = {json.dumps(COPIED)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}",
         # -x: one failing test kills the mutant; no cache: the scratch copy is thrown away; -p no:randomly if any
-        'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=--strict-markers"]',
+        "pytest_add_cli_args = " + json.dumps(["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=--strict-markers",
+                                               *(f"--deselect={test}" for test in DESELECTED.get(module, []))]),
         # torch is not fork-safe once it has run: mutants are forked from a server that only imported the tests
         'process_isolation = "forkserver"',
         "timeout_multiplier = 5.0",
