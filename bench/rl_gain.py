@@ -34,6 +34,7 @@ from eval.harness.evaluation import task_targets  # noqa: E402
 from eval.harness.metrics import numbers_match  # noqa: E402
 from eval.harness.tasks import load_tasks  # noqa: E402
 from lora.core.compute_dtype import cpu_flags, cpu_kind, cpu_model_name  # noqa: E402
+from lora.core.files import write_json_atomic  # noqa: E402
 from lora.prompts import parsing  # noqa: E402
 from lora.prompts.rows import load_rows  # noqa: E402
 
@@ -115,14 +116,15 @@ def start_scores(recipe, rows: list[dict], template: str, args) -> dict:
     command it was scored."""
     key = start_key(recipe, rows, template, args)
     cache_file = args.results.parent / "start_scores.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    if key in cache:
-        return cache[key]
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key in cached:
+        return cached[key]
     model, tokenizer = load_policy(recipe["init_adapter"], recipe)
     scores = score(model, tokenizer, rows, template=template, samples=args.samples, seed=args.seed)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache[key] = {**scores, "scored_by": f"{args.recipe} --seed {args.seed}"}
-    cache_file.write_text(json.dumps(cache, indent=1))
+    # Read again: a run beside this one may have added its start meanwhile; replaced whole, never half written.
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    write_json_atomic(cache_file, {**cached, key: {**scores, "scored_by": f"{args.recipe} --seed {args.seed}"}})
     return scores
 
 
