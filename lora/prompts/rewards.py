@@ -131,13 +131,14 @@ def label_match(sample: Sample) -> float | None:
     return float(parsing.match_label(sample.answer, sample.labels) == parsing.match_label(sample.target, sample.labels))
 
 
-def _numbers(sample: Sample) -> tuple[float, float | None] | None:
-    """The target's number and the answer's first number (None when it has none), or None when the target holds no
-    number: the one reading every numeric reward starts from (each abstains then)."""
+def _numeric_reward(sample: Sample, score) -> float | None:
+    """The rule every numeric reward shares: abstain (None) when the target holds no number, 0 when the answer has
+    none, else `score(target, answer)` of the two numbers (the target's, the answer's first)."""
     target = parsing.parse_number(sample.target)
     if target is None:
         return None
-    return target, parsing.parse_number(sample.answer)
+    answer = parsing.parse_number(sample.answer)
+    return 0.0 if answer is None else float(score(target, answer))
 
 
 @register_reward("numeric_match")
@@ -146,24 +147,15 @@ def numeric_match(sample: Sample) -> float | None:
 
     Abstains (None) on a row whose target holds no number.
     """
-    numbers = _numbers(sample)
-    if numbers is None:
-        return None
-    target, answer = numbers
-    if answer is None:
-        return 0.0
-    return float(abs(answer - target) <= max(sample.tolerance * abs(target), NUMERIC_ABS_TOLERANCE))
+    return _numeric_reward(sample, lambda target, answer:
+                           abs(answer - target) <= max(sample.tolerance * abs(target), NUMERIC_ABS_TOLERANCE))
 
 
 @register_reward("exact_number")
 def exact_number(sample: Sample) -> float | None:
     """1 when the answer's first number equals the target's number exactly, else 0: the arith eval task's rule
     (eval/tasks.json "arith": exact match of the first number). Abstains (None) on a target without a number."""
-    numbers = _numbers(sample)
-    if numbers is None:
-        return None
-    target, answer = numbers
-    return float(answer == target)
+    return _numeric_reward(sample, lambda target, answer: answer == target)
 
 
 @register_reward("numeric_closeness")
@@ -175,13 +167,7 @@ def numeric_closeness(sample: Sample) -> float | None:
     policy must never gain more by being close on many rows than by being right on one. Abstains on a target
     without a number.
     """
-    numbers = _numbers(sample)
-    if numbers is None:
-        return None
-    target, answer = numbers
-    if answer is None:
-        return 0.0
-    return max(0.0, 1.0 - abs(answer - target) / max(abs(target), 1.0))
+    return _numeric_reward(sample, lambda target, answer: max(0.0, 1.0 - abs(answer - target) / max(abs(target), 1.0)))
 
 
 @register_reward("format")
