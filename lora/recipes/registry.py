@@ -167,10 +167,10 @@ def _resolve_path(path: Path) -> Path | None:
         raise
 
 
-def recipe_as_written(raw_registry: dict[str, dict], name: str) -> dict[str, Any]:
+def recipe_as_written(registry: Path | str | None, name: str) -> dict[str, Any]:
     """The fields `name` and its ancestors set, merged, as the registry writes them (aliases renamed, relative paths
     still relative, descriptions left out): what a recipe is, the same wherever the registry file lies."""
-    merged = _RegistryView(DEFAULT_REGISTRY, raw_registry).merged(name).fields
+    merged = _RegistryView(*read_registry(registry)).merged(name).fields
     return {key: value for key, value in merged.items() if key not in ("description", "extends")}
 
 

@@ -159,7 +159,7 @@ class Sweep:
         recipe counts by its fields, not by where its registry lies, so that workers whose checkouts are in different
         folders (several machines sharing one --storage) join the same study."""
         keyed = {key: self.definition.get(key) for key in ("recipe", "set", "space", "objective", "sampler", "pruner")}
-        keyed["base_recipe"] = recipe_as_written(read_registry(self.registry_path)[1], self.recipe)
+        keyed["base_recipe"] = recipe_as_written(self.registry_path, self.recipe)
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_output_dir(self) -> Path:
