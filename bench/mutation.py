@@ -41,7 +41,7 @@ MODULES: dict[str, list[str]] = {
                                   "tests/test_stop_tokens.py::test_smollm2s_real_chat_template_stops_at_the_end_of_the"
                                   "_turn_not_at_the_first_newline"],
     "lora/prompts/generation.py": ["tests/test_stop_tokens.py", "tests/test_eval_harness.py"],
-    "lora/serving/guards.py": ["tests/test_serve_guards.py"],
+    "lora/serving/guards.py": ["tests/test_serve_guards.py", "tests/test_request_guard.py"],
     "lora/adapters/merge.py": ["tests/test_merge.py"],
     "lora/training/run_folder.py": ["tests/test_resume.py", "tests/test_safe_outputs.py",
                                     "tests/test_overwrite_leftovers.py", "tests/test_finetune_runs.py"],
@@ -123,6 +123,9 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         for destination in (folder / "tests", folder / "mutants" / "tests"):
             shutil.copytree(REPO / "tests", destination, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))
+        # the test selection as MODULES gives it now, which may name test files added since the first run
+        section = mutmut_section(module, tests)
+        (folder / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + "\n" + section)
         names = sorted(name for name, status in verdicts(folder, module).items() if status in ("survived", "no tests"))
         # mutmut keeps a verdict until its source changes: forget these so that they are tested again
         meta = folder / "mutants" / (module + ".meta")

@@ -103,6 +103,9 @@ def test_the_self_check_measures_the_merged_model_against_the_adapter_on_its_bas
 
     assert 0 < measured <= 1e-4  # fp32 rounding: small, never exactly zero on these weights
     assert record["check"]["max_abs_logit_diff_fp32"] == pytest.approx(measured, rel=0.5)
+    # the tolerance is the largest difference allowed: the measured one itself passes
+    exact = record["check"]["max_abs_logit_diff_fp32"]
+    assert merge_adapter(adapter, tmp_path / "exact", dtype="fp32", tolerance=exact)["check"]["tolerance"] == exact
     with pytest.raises(MergeCheckFailed, match="differ from the unmerged adapter"):
         merge_adapter(adapter, tmp_path / "strict", dtype="fp32", tolerance=measured / 10)
     assert not (tmp_path / "strict").exists()
@@ -139,3 +142,171 @@ def test_cli_refuses_existing_output_and_missing_adapter_with_exit_2(tiny_model_
 
     assert merge_main([str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- what merge writes and says, its refusals, each at its edges -------------------------------------------------
+
+
+def _copy_base(tiny_model_dir: Path, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """The tiny base saved again elsewhere (optionally in another dtype): a second, distinguishable base folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype or torch.float32)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def test_the_merge_record_and_the_printed_lines_say_what_was_merged_from_what(tiny_model_dir, tmp_path, capsys):
+    import time
+
+    from lora.adapters.merge import CHAT_CHECK_PROMPT, CHECK_PROMPTS
+
+    adapter = save_random_adapter(
+        tiny_model_dir, tmp_path / "adapter", use_dora=True,
+        recipe={"quant_bits": 4, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"},
+    )
+    other_base = _copy_base(tiny_model_dir, tmp_path / "other_base")
+    out = tmp_path / "merged"
+    started = time.monotonic()
+    record = merge_adapter(adapter, out, dtype="bf16", base_model=str(other_base), tolerance=5e-4)
+    elapsed = time.monotonic() - started
+
+    assert json.loads((out / MERGE_RECORD).read_text()) == record
+    check = record.pop("check")
+    seconds = record.pop("seconds")
+    assert record == {
+        "adapter": str(adapter.resolve()),
+        "adapter_type": "DoRA",
+        "base_model": str(tiny_model_dir),  # what the adapter's records name, beside what was used
+        "base_model_path": str(other_base),
+        "base_model_origin": f"local folder {other_base}",
+        "adapter_trained_on_quant_bits": 4,
+        "merged_into": "unquantised base, float32",
+        "note": "trained on a 4-bit base: the merged model holds the unquantised W0, so it differs from the "
+                "training-time model by the base's quantisation error (not by the merge).",
+        "saved_dtype": "bfloat16",
+    }
+    # the fixed prompts and one chat turn in the tokenizer's template, ending where the assistant's answer starts
+    assert check["prompts"] == [*CHECK_PROMPTS, f"<|user|>{CHAT_CHECK_PROMPT}<|assistant|>"]
+    assert check["tolerance"] == 5e-4 and 0 < check["max_abs_logit_diff_fp32"] <= 5e-4
+    assert check["max_abs_logit_diff_saved_dtype_vs_unmerged_fp32"] > check["max_abs_logit_diff_fp32"]  # bf16 rounding
+    assert isinstance(seconds, float) and seconds == round(seconds, 1) and 0 <= seconds <= elapsed + 0.05  # rounded to 0.1 s
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("merge: ")]
+    assert printed == [
+        f"merge: DoRA adapter {adapter.resolve()} onto {other_base} (unquantised, float32)",
+        f"merge: max |merged - unmerged| logit difference (float32, 3 prompts): {check['max_abs_logit_diff_fp32']:.3e}",
+        "merge: after casting to bfloat16: max |saved - unmerged float32| = "
+        f"{check['max_abs_logit_diff_saved_dtype_vs_unmerged_fp32']:.3e}",
+        f"merge: saved bfloat16 model + tokenizer to {out} ({seconds} s)",
+    ]
+
+
+def test_a_float32_merge_of_an_adapter_trained_unquantised_records_no_cast_and_no_note(tiny_model_dir, tmp_path):
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+    record = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    assert record["adapter_type"] == "LoRA" and record["saved_dtype"] == "float32"
+    assert record["adapter_trained_on_quant_bits"] is None and record["note"] is None
+    assert record["check"]["max_abs_logit_diff_saved_dtype_vs_unmerged_fp32"] is None  # nothing was cast
+
+
+def test_without_dtype_the_merged_model_keeps_the_dtype_its_base_was_saved_in(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lora.adapters.merge import default_dtype_name
+
+    bf16_base = _copy_base(tiny_model_dir, tmp_path / "bf16_base", torch.bfloat16)
+    adapter = save_random_adapter(bf16_base, tmp_path / "adapter", use_dora=False)
+    record = merge_adapter(adapter, tmp_path / "merged")
+    assert record["saved_dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+    # The rule itself: the saved dtype when it is one merge writes, float32 for anything else or no readable config.
+    for name, config in {"dtype": {"dtype": "float16"}, "torch_dtype": {"torch_dtype": "bfloat16"},
+                         "int8": {"dtype": "int8"}, "none": {}, "broken": None, "missing": ...}.items():
+        folder = tmp_path / "configs" / name
+        folder.mkdir(parents=True)
+        if config is None:
+            (folder / "config.json").write_text("{not json")
+        elif config is not ...:
+            (folder / "config.json").write_text(json.dumps(config))
+        expected = {"dtype": "float16", "torch_dtype": "bfloat16"}.get(name, "float32")
+        assert default_dtype_name(str(folder)) == expected, name
+
+
+def test_a_bad_dtype_is_refused_naming_the_choices_before_anything_is_written(tiny_model_dir, tmp_path):
+    from lora.core.errors import UserError
+
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+    with pytest.raises(UserError) as refused:
+        merge_adapter(adapter, tmp_path / "merged", dtype="fp64")
+    assert str(refused.value) == '--dtype must be one of fp32, bf16, fp16, not "fp64".'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_outputs_merge_may_not_replace_are_refused_and_an_earlier_merge_is_replaced_only_with_overwrite(
+    tiny_model_dir, tmp_path
+):
+    from lora.core.errors import OutputError
+
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+    users = tmp_path / "users_folder"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError) as refused:
+        merge_adapter(adapter, users, dtype="fp32", overwrite=True)
+    assert str(refused.value).startswith(
+        f"--out {users} is not a merged model written by this tool (it has no {MERGE_RECORD}, which lora/merge.py "
+        "writes into each; it holds: notes.txt)")
+    assert (users / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="the adapter folder"):
+        merge_adapter(adapter, adapter / "merged", dtype="fp32")
+    with pytest.raises(OutputError, match="the base model folder"):
+        merge_adapter(adapter, Path(tiny_model_dir) / "merged", dtype="fp32")
+
+    out = tmp_path / "merged"
+    first = merge_adapter(adapter, out, dtype="fp32")
+    with pytest.raises(OutputError, match="already exists"):  # overwrite is off unless asked for
+        merge_adapter(adapter, out, dtype="bf16")
+    assert json.loads((out / MERGE_RECORD).read_text()) == first
+    assert merge_adapter(adapter, out, dtype="bf16", overwrite=True)["saved_dtype"] == "bfloat16"
+    assert json.loads((out / MERGE_RECORD).read_text())["saved_dtype"] == "bfloat16"
+
+
+def test_a_quantised_base_is_refused_whether_its_layers_or_its_model_say_so(tiny_model_dir, tmp_path):
+    """bitsandbytes layers (a checkpoint saved quantised), or a model transformers marks `is_quantized` (a method
+    whose layers are not bitsandbytes', e.g. GPTQ): merging into either would re-quantise the merged weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import lora.models.bnb_cpu_fixes  # noqa: F401  (before a quantised load on CPU)
+    from lora.adapters.merge import refuse_quantised_base
+    from lora.core.errors import UserError
+
+    quantised_base = tmp_path / "quantised_base"
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantisation).save_pretrained(
+        quantised_base)
+    build_tiny_tokenizer().save_pretrained(quantised_base)
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+    with pytest.raises(UserError) as refused:
+        merge_adapter(adapter, tmp_path / "merged", dtype="fp32", base_model=str(quantised_base))
+    assert str(refused.value) == (
+        f"the base model at {quantised_base} is a pre-quantised checkpoint; merging into it would re-quantise the "
+        "merged weights and change the outputs. Pass --base-model pointing at the unquantised (fp16/bf16/fp32) "
+        "weights of the same model.")
+    assert not (tmp_path / "merged").exists()
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    refuse_quantised_base(plain, "plain")  # nothing to refuse
+    plain.is_quantized = True
+    with pytest.raises(UserError, match="the base model at marked is a pre-quantised checkpoint"):
+        refuse_quantised_base(plain, "marked")
+
+
+def test_logit_lists_of_different_lengths_are_not_compared():
+    from lora.adapters.merge import max_abs_difference
+
+    one = [torch.zeros(1, 2, 3)]
+    assert max_abs_difference(one + [torch.ones(1, 2, 3)], one + [torch.zeros(1, 2, 3)]) == 1.0
+    with pytest.raises(ValueError):
+        max_abs_difference(one, one + one)

@@ -65,14 +65,17 @@ def load_base_model(model_path: str, quantisation: QuantisationSettings, *, trus
     from transformers import AutoModelForCausalLM
 
     quantization_config = quantisation.bitsandbytes_config()
+    # Passed only when quantising: an explicit None tells transformers 5 to load a pre-quantised checkpoint as plain
+    # layers, which fails on its packed weights with a bare size-mismatch error instead of loading its own layers.
+    quantising = {"quantization_config": quantization_config} if quantization_config is not None else {}
     check_weight_files(model_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype=torch_dtype(quantisation.dtype),
-            quantization_config=quantization_config,
             device_map=device_map_for_this_process(),
             trust_remote_code=trust_remote_code,
+            **quantising,
         )
     except OSError as error:
         raise ModelSourceError(f"cannot load model weights from {model_path}: {error}") from None
