@@ -54,6 +54,8 @@ MODULES: dict[str, list[str]] = {
 DESELECTED: dict[str, list[str]] = {
     "lora/recipes/registry.py": ["tests/test_recipes.py::test_finlora_recipe_dry_runs_from_another_folder"],
     "lora/adapters/merge.py": ["tests/test_merge.py::test_cli_refuses_existing_output_and_missing_adapter_with_exit_2"],
+    "lora/training/run_folder.py": [
+        "tests/test_finetune_runs.py::test_cli_missing_dataset_and_bad_row_and_unknown_model_exit_2"],
 }
 COPIED = ["data", "finetune_configs.json", "accelerate_configs", "bench", "README.md", "requirements.txt"]
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
@@ -130,6 +132,7 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         # mutmut keeps a verdict until its source changes: forget these so that they are tested again
         meta = folder / "mutants" / (module + ".meta")
         data = json.loads(meta.read_text())
+        earlier_codes = dict(data["exit_code_by_key"])
         data["exit_code_by_key"].update(dict.fromkeys(names))
         meta.write_text(json.dumps(data))
         earlier_minutes = json.loads((folder / "record.json").read_text()).get("minutes", 0.0)
@@ -143,8 +146,21 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         result = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *names], cwd=folder,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     minutes = earlier_minutes + (time.monotonic() - started) / 60
+    if retest:
+        keep_earlier_verdicts(folder / "mutants" / (module + ".meta"), earlier_codes, set(names))
     (folder / "record.json").write_text(json.dumps({"minutes": minutes}))
     return summarise(module, tests, folder, minutes, result.returncode)
+
+
+def keep_earlier_verdicts(meta: Path, earlier_codes: dict, retested: set[str]) -> None:
+    """Put back the verdicts of the mutants a retest did not run: mutmut regenerates its records when its
+    configuration changed (a new test selection) and would report every earlier kill as 'not run'."""
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    for name, code in earlier_codes.items():
+        if name not in retested and codes.get(name) is None:
+            codes[name] = code
+    meta.write_text(json.dumps(data))
 
 
 def summarise(module: str, tests: list[str], folder: Path, minutes: float, returncode: int | None) -> dict:

@@ -93,3 +93,78 @@ def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
         for label in ("negative", "neutral", "positive"):
             pair = encode_completion(row["context"], label, template, tokenizer, close=False)
             assert lm._encode_pair(text, label) == (pair.prompt_ids, pair.answer_ids)
+
+
+# ---- special tokens, template checks and the boundary record, each at its edges -------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """The tiny tokenizer made to add a BOS token of its own, as Llama-family tokenizers do (the tiny one and
+    SmolLM2's add none, which would let special-token handling go unchecked)."""
+    from tokenizers import processors
+
+    from tiny_model import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+def test_plain_and_format_templates_get_the_tokenizers_bos_and_chat_prompts_only_the_templates_own(bos_tokenizer):
+    from lora.prompts.templates import encode_prompt_text, encode_text_pair
+
+    bos = bos_tokenizer.bos_token_id
+    conversation = [{"role": "user", "content": "Profit fell."}]
+    for context, template, starts_with_bos in (("Answer: ", "plain", True), ("x", "Q: {context} A:", True),
+                                               ("x", "chat", False), (conversation, "plain", False)):
+        prompt = encode_prompt(context, template, bos_tokenizer)
+        pair = encode_completion(context, "neutral", template, bos_tokenizer)
+        assert (prompt[0] == bos) == starts_with_bos and prompt.count(bos) == int(starts_with_bos), (context, template)
+        assert pair.input_ids[: len(prompt)] == prompt and pair.clean, (context, template)
+    # the rule's own switch, both ways, on the prompt side and on the whole text
+    assert encode_prompt_text("Answer: ", bos_tokenizer)[0] == bos  # a served or generated prompt: on by default
+    assert bos not in encode_prompt_text("Answer: ", bos_tokenizer, add_special_tokens=False)
+    for adds in (True, False):
+        pair = encode_text_pair("Answer: ", "neutral", bos_tokenizer, add_special_tokens=adds)
+        assert (pair.input_ids[0] == bos) == adds and pair.prompt_ids == encode_prompt_text(
+            "Answer: ", bos_tokenizer, add_special_tokens=adds)
+
+
+def test_a_template_is_plain_chat_or_a_format_string_and_chat_needs_a_chat_template(bos_tokenizer):
+    import copy
+
+    from lora.core.errors import DataError
+    from lora.prompts.templates import check_template
+
+    for template in ("plain", "chat", "Q: {context}\nA:"):
+        check_template(template)  # no tokenizer yet: only the name is checked
+        check_template(template, bos_tokenizer)
+    for template in ("plan", "Q: {CONTEXT}", "Q: {text}", ""):
+        with pytest.raises(DataError) as refused:
+            check_template(template, bos_tokenizer)
+        assert str(refused.value) == (
+            f'prompt_template "{template}" is neither "plain", "chat" nor a format string containing {{context}}.')
+    without_chat = copy.deepcopy(bos_tokenizer)
+    without_chat.chat_template = None
+    for template in ("plain", "Q: {context}"):
+        check_template(template, without_chat)
+    with pytest.raises(DataError) as refused:
+        check_template("chat", without_chat)
+    assert str(refused.value) == (
+        'prompt_template "chat" needs a tokenizer with a chat template; this one has none (use "plain").')
+
+
+def test_the_boundary_record_states_the_rule_and_lists_the_first_ten_unclean_rows(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    straddling = {"context": "Answer: posit", "target": "ive"}  # the prompt ends inside the answer's word
+    rows = [FINLORA_ROW] + [straddling] * 12
+    assert boundary_report(rows, "plain", tokenizer) == {
+        "rule": "whole text tokenised at once; the prompt's trailing whitespace belongs to the answer (as lm-eval)",
+        "rows": 13,
+        "unclean_boundaries": 12,
+        "unclean_rows": list(range(1, 11)),
+    }
