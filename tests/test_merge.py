@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +192,8 @@ def test_the_merge_record_and_the_printed_lines_say_what_was_merged_from_what(ti
     assert check["prompts"] == [*CHECK_PROMPTS, f"<|user|>{CHAT_CHECK_PROMPT}<|assistant|>"]
     assert check["tolerance"] == 5e-4 and 0 < check["max_abs_logit_diff_fp32"] <= 5e-4
     assert check["max_abs_logit_diff_saved_dtype_vs_unmerged_fp32"] > check["max_abs_logit_diff_fp32"]  # bf16 rounding
-    assert isinstance(seconds, float) and seconds == round(seconds, 1) and 0 <= seconds <= elapsed + 0.05  # rounded to 0.1 s
+    assert isinstance(seconds, float) and seconds == round(seconds, 1)
+    assert 0 <= seconds <= elapsed + 0.05  # rounded to a tenth of a second
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("merge: ")]
     assert printed == [
@@ -259,10 +261,16 @@ def test_outputs_merge_may_not_replace_are_refused_and_an_earlier_merge_is_repla
         f"--out {users} is not a merged model written by this tool (it has no {MERGE_RECORD}, which lora/merge.py "
         "writes into each; it holds: notes.txt)")
     assert (users / "notes.txt").read_text() == "mine"
-    with pytest.raises(OutputError, match="the adapter folder"):
-        merge_adapter(adapter, adapter / "merged", dtype="fp32")
-    with pytest.raises(OutputError, match="the base model folder"):
-        merge_adapter(adapter, Path(tiny_model_dir) / "merged", dtype="fp32")
+    for out, what, folder in ((adapter / "merged", "the adapter folder", adapter.resolve()),
+                              (Path(tiny_model_dir) / "merged", "the base model folder", Path(tiny_model_dir))):
+        with pytest.raises(OutputError) as refused:
+            merge_adapter(adapter, out, dtype="fp32")
+        assert str(refused.value).startswith(f"the output {out} lies inside {what} {folder}, which this command reads")
+    # checked before any model loads: a base folder that holds no model yet still gets the output refusal first
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    with pytest.raises(OutputError, match=f"lies inside the base model folder {not_a_model},"):
+        merge_adapter(adapter, not_a_model / "merged", dtype="fp32", base_model=str(not_a_model))
 
     out = tmp_path / "merged"
     first = merge_adapter(adapter, out, dtype="fp32")
@@ -310,3 +318,49 @@ def test_logit_lists_of_different_lengths_are_not_compared():
     assert max_abs_difference(one + [torch.ones(1, 2, 3)], one + [torch.zeros(1, 2, 3)]) == 1.0
     with pytest.raises(ValueError):
         max_abs_difference(one, one + one)
+    nan = torch.full((1, 2, 3), float("nan"))
+    for pair in ((one + [nan], one + one), ([nan] + one, one + one)):  # a NaN is never hidden by a finite value
+        assert math.isnan(max_abs_difference(*pair))
+
+
+def test_an_output_inside_the_hugging_face_cache_copy_of_the_base_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """A base named by hub id resolves to its cached snapshot only once loaded (offline); writing the merged model
+    there would put files into the cache's copy of the base."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from lora.core.errors import OutputError
+
+    cache = tmp_path / "hf_cache"
+    snapshot = cache / "models--acme--tiny-base" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--acme--tiny-base" / "refs").mkdir()
+    (cache / "models--acme--tiny-base" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+    out = snapshot / "merged"
+    with pytest.raises(OutputError) as refused:
+        merge_adapter(adapter, out, dtype="fp32", base_model="acme/tiny-base")
+    assert str(refused.value).startswith(f"the output {out} lies inside the base model folder {snapshot},")
+    assert not out.exists()
+    assert merge_adapter(adapter, tmp_path / "merged", dtype="fp32", base_model="acme/tiny-base")[
+        "base_model_path"] == str(snapshot)
+
+
+def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor_and_nothing_is_written(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lora.core.errors import UserError
+
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter", use_dora=False)
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = next(key for key in weights if "lora_B" in key)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(UserError) as refused:
+        merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    assert str(refused.value).startswith(
+        f"{adapter.resolve() / 'adapter_model.safetensors'}: tensor {name} holds 1 NaN or infinite value(s) of ")
+    assert not (tmp_path / "merged").exists()

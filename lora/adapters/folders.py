@@ -29,6 +29,7 @@ __all__ = [
     "read_adapter_weights",
     "RECIPE_RECORD",
     "refuse_if_normalised",
+    "refuse_non_finite_weights",
     "resolve_base_model_path",
     "TOKENIZER_FILE_NAMES",
 ]
@@ -145,6 +146,25 @@ def refuse_if_normalised(adapter_dir: str | Path) -> None:
             f"(see {NORMALISED_RECORD} in it: \"source_adapter\"), and give the normalised one only to a runtime "
             "that expects it (TensorRT-LLM with --dora_plugin=enable)."
         )
+
+
+def refuse_non_finite_weights(adapter_dir: str | Path) -> None:
+    """Raise when an adapter tensor holds NaN or infinite values (a diverged run, a damaged conversion): every
+    output of a model carrying it would be NaN, and merging it would publish a broken model.
+
+    Raises:
+        AdapterError: naming the first such tensor and how many of its values are not finite.
+    """
+    import torch
+
+    for name, tensor in read_adapter_weights(adapter_dir).items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise AdapterError(
+                f"{Path(adapter_dir).expanduser().resolve() / ADAPTER_WEIGHTS}: tensor {name} holds {bad} NaN or "
+                f"infinite value(s) of {tensor.numel()}; the adapter is broken (a diverged run?). Use an earlier "
+                "checkpoint of the run (checkpoint-*/ in its folder) or train again with a lower learning_rate."
+            )
 
 
 def _relative_base_folder(records: AdapterRecords) -> Path:

@@ -5,13 +5,19 @@ adapter before anything is written, and a merge record. `python lora/merge.py` i
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 import lora.models.bnb_cpu_fixes  # noqa: F401  (before any model loads)
-from lora.adapters.folders import local_base_model_folder, read_adapter_records, refuse_if_normalised
+from lora.adapters.folders import (
+    local_base_model_folder,
+    read_adapter_records,
+    refuse_if_normalised,
+    refuse_non_finite_weights,
+)
 from lora.adapters.inference import load_base_for_adapter
 from lora.core.errors import UserError
 from lora.core.files import claim_output_folder, refuse_output_over_inputs
@@ -67,8 +73,10 @@ def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
 
 
 def max_abs_difference(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
-    """Largest absolute element difference over pairs of same-shaped tensors."""
-    return max(float((a - b).abs().max()) for a, b in zip(first, second, strict=True))
+    """Largest absolute element difference over pairs of same-shaped tensors; NaN when any difference is NaN
+    (Python's max would return whichever came first, so a NaN after a finite value would pass the check)."""
+    differences = [float((a - b).abs().max()) for a, b in zip(first, second, strict=True)]
+    return math.nan if any(math.isnan(difference) for difference in differences) else max(differences)
 
 
 def refuse_quantised_base(model, base_path: str) -> None:
@@ -129,6 +137,7 @@ def merge_adapter(
     out = Path(out).expanduser().absolute()  # resolved by claim_output_folder; messages show it as given
     records = read_adapter_records(adapter_dir)
     refuse_if_normalised(adapter_dir)
+    refuse_non_finite_weights(adapter_dir)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UserError(f'--dtype must be one of {", ".join(DTYPE_NAMES)}, not "{dtype}".')
     inputs = (("the adapter folder", adapter_dir),
