@@ -168,3 +168,21 @@ def test_the_boundary_record_states_the_rule_and_lists_the_first_ten_unclean_row
         "unclean_boundaries": 12,
         "unclean_rows": list(range(1, 11)),
     }
+
+
+def test_a_conversation_context_is_rendered_up_to_the_assistants_turn_under_any_template(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))  # its chat template: <|role|>content, then <|assistant|>
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Profit fell."}]
+    for template in ("plain", "chat", "Q: {context}"):
+        assert prompt_text(conversation, template, tokenizer) == "<|system|>Be brief.<|user|>Profit fell.<|assistant|>"
+        pair = encode_completion(conversation, "negative", template, tokenizer)
+        assert tokenizer.decode(pair.answer_ids) == "negative</s>"  # closed by the chat turn's end, not another rule
+    assert prompt_text("Profit fell.", "chat", tokenizer) == "<|user|>Profit fell.<|assistant|>"
+
+
+def test_the_answer_starts_where_the_prompts_ids_stop_agreeing_with_the_whole_texts():
+    from lora.prompts.templates import common_prefix_length
+
+    for part, whole, expected in (([], [1, 2], 0), ([1, 2], [1, 2, 3], 2), ([1, 9], [1, 2, 3], 1),
+                                  ([7], [1, 2], 0), ([1, 2, 3], [1, 2], 2), ([4, 5], [4, 5], 2)):
+        assert common_prefix_length(part, whole) == expected, (part, whole)
