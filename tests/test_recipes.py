@@ -111,6 +111,54 @@ def test_shared_bases_are_not_listed_or_runnable(tmp_path):
         resolve_recipe("_base", registry)
 
 
+def test_the_list_has_a_row_per_recipe_with_what_it_trains_and_broken_recipes_say_their_problem(tmp_path):
+    from lora.recipes.registry import format_recipe_table
+
+    outside = tmp_path.parent / "elsewhere.jsonl"
+    registry = write_registry(tmp_path, {
+        "_base": {"base_model": "org/model"},
+        "dora4": {"extends": "_base", "dataset_path": "data/a.jsonl", "quant_bits": 4, "use_dora": True, "lora_r": 16},
+        "broken": {"extends": "_base", "dataset_path": "d", "lora_r": "eight"},
+        "lora_bf16": {"extends": "_base", "dataset_path": str(outside), "quant_bits": None, "dtype": "bfloat16"},
+        "mix": {"extends": "_base", "datasets": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl"}]},
+    })
+    problem = str(pytest.raises(RecipeError, resolve_recipe, "broken", registry).value).splitlines()[-1].strip()
+    rows = list_recipes(registry)
+    assert rows == [  # every recipe after a broken one is still listed
+        {"name": "dora4", "model": "org/model", "quant": "4-bit", "adapter": "DoRA", "rank": 16,
+         "dataset": "data/a.jsonl"},
+        {"name": "broken", "problem": problem},
+        {"name": "lora_bf16", "model": "org/model", "quant": "bfloat16", "adapter": "LoRA", "rank": 8,
+         "dataset": str(outside)},  # outside the registry's folder: shown whole
+        {"name": "mix", "model": "org/model", "quant": "4-bit", "adapter": "LoRA", "rank": 8,
+         "dataset": "2 datasets (mixture)"},
+    ]
+    assert '"lora_r"' in problem and "eight" in problem
+    working = [row for row in rows if "problem" not in row]
+    table = format_recipe_table(working).splitlines()
+    header = ["name", "model", "quant", "adapter", "rank", "dataset"]
+    starts = [table[0].index(column) for column in header]  # each column starts where its heading does
+    assert table[0].split() == header and table[1].split("  ") == ["-" * (b - a - 2) for a, b in zip(
+        starts, starts[1:])] + ["-" * max(len(row["dataset"]) for row in working)]
+    for line, row in zip(table[2:], working, strict=True):
+        assert [line[start:].split("  ")[0] for start in starts] == [str(row[column]) for column in header]
+    broken = format_recipe_table(rows).splitlines()[3]
+    assert broken.split(None, 1) == ["broken", problem]  # a broken recipe's problem fills the model column
+
+
+def test_a_recipe_as_written_is_its_merged_fields_with_our_names_and_paths_as_given(tmp_path):
+    from lora.recipes.registry import recipe_as_written
+
+    recipes = {"_base": {"base_model": "org/model", "description": "shared", "lora_r": 4},
+               "r": {"extends": "_base", "dataset_path": "../data/x.jsonl", "peft_use_dora": True, "lora_r": 8,
+                     "description": "mine"}}
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    written = {"base_model": "org/model", "lora_r": 8, "dataset_path": "../data/x.jsonl", "use_dora": True}
+    assert recipe_as_written(write_registry(here, recipes), "r") == written
+    assert recipe_as_written(write_registry(there, recipes), "r") == written  # the same wherever the file lies
+
+
 # (recipe fields, expected fragments of the error message): every problem is reported, with a suggestion.
 BAD_RECIPES = [
     ({"lora_rank": 8}, ['unknown field "lora_rank" (did you mean "lora_r"?)']),
