@@ -191,6 +191,84 @@ def test_bad_recipe_messages(tmp_path, fields, fragments):
         assert fragment in message
 
 
+def _problems(registry: str, name: str, overrides=None) -> list[str]:
+    """The problem lines of the RecipeError that resolving `name` raises, without their "  - " bullets."""
+    with pytest.raises(RecipeError) as caught:
+        resolve_recipe(name, registry, overrides)
+    return [line.removeprefix("  - ") for line in str(caught.value).splitlines()[1:]]
+
+
+LORA_R = "expected: LoRA rank r (> 0)."
+SEED = ("expected: Seed for data order, adapter init and dropout: 0 to 2^32-1 (what numpy's and transformers' seeding "
+        "accept).")
+WHOLE = "is not of type 'integer' (a whole number without a decimal point or exponent; nearest valid value:"
+
+
+@pytest.mark.parametrize(("field", "value", "problems"), [
+    ("lora_r", 7.6, [f"field \"lora_r\": 7.6 {WHOLE} 8) — {LORA_R}"]),
+    ("lora_r", 0.2, [f"field \"lora_r\": 0.2 {WHOLE} 1) — {LORA_R}",
+                     'field "lora_r": 0.2 is less than the minimum of 1 (nearest valid value: 1)']),
+    ("seed", -0.7, [f"field \"seed\": -0.7 {WHOLE} 0) — {SEED}",
+                    'field "seed": -0.7 is less than the minimum of 0 (nearest valid value: 0)']),
+    ("seed", 4294967299.7, [f"field \"seed\": 4294967299.7 {WHOLE} 4294967295) — {SEED}",
+                            'field "seed": 4294967299.7 is greater than the maximum of 4294967295 (nearest valid '
+                            'value: 4294967295)']),
+    ("lora_r", "NaN", ["field \"lora_r\": 'NaN' is not of type 'integer' (NaN and Infinity are not numbers a recipe "
+                       f"accepts; give a finite number, e.g. the default 8) — {LORA_R}"]),
+    ("learning_rate", "-Infinity", ["field \"learning_rate\": '-Infinity' is not of type 'number' (NaN and Infinity "
+                                    "are not numbers a recipe accepts; give a finite number, e.g. the default 0.0001) "
+                                    "— expected: Peak learning rate (> 0)."]),
+    ("lora_r", "eight", [f"field \"lora_r\": 'eight' is not of type 'integer' — {LORA_R}"]),  # no number hint
+    ("lora_r", "8", [f"field \"lora_r\": '8' is not of type 'integer' — {LORA_R}"]),
+    ("base_model", float("1e300"), ["field \"base_model\": 1e+300 is not of type 'string' — expected: "]),
+    ("quant_bits", 7, ['field "quant_bits": 7 is not allowed (allowed: 4, 8, 16, 32, "none", null; nearest: 8)']),
+    ("quant_bits", 31, ['field "quant_bits": 31 is not allowed (allowed: 4, 8, 16, 32, "none", null; nearest: 32)']),
+    ("quant_bits", "4bit", ['field "quant_bits": "4bit" is not allowed (allowed: 4, 8, 16, 32, "none", null)']),
+    ("quant_bits", "nne", ['field "quant_bits": "nne" is not allowed (allowed: 4, 8, 16, 32, "none", null; '
+                           'nearest: "none")']),
+])
+def test_a_wrong_number_says_why_and_the_nearest_valid_value(tmp_path, field, value, problems):
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", field: value}})
+    found = _problems(registry, "r")
+    if field == "base_model":  # its description is long: the start is what is checked
+        assert len(found) == 1 and found[0].startswith(problems[0])
+    else:
+        assert found == problems
+
+
+def test_a_broken_extends_chain_still_reports_every_other_problem_as_an_unbroken_one_would(tmp_path):
+    """Each layer of r -> mid -> _base carries its own problems (an unknown field, a bad value, a FinLoRA alias given
+    twice) and quant_bits 8 in mid makes _base's 4-bit option moot but r's a conflict; cutting the chain at _base's
+    parent must add its own problem and lose none of these, nor invent one."""
+    chain = {
+        "_base": {"base_model": "m", "lora_rnk": 4, "bnb_4bit_compute_dtype": "bfloat16", "use_dora": True,
+                  "peft_use_dora": True},
+        "mid": {"extends": "_base", "quant_bits": 8, "lora_alpha": 0},
+        "r": {"extends": "mid", "dataset_path": "d", "lora_r": "8", "bnb_4bit_quant_type": "nf4"},
+    }
+    whole = _problems(write_registry(tmp_path, chain), "r")
+    assert len(whole) == 5, whole
+    for missing_parent in ("nowhere", "_base"):  # a parent that does not exist, and a cycle back to the chain's end
+        broken = {**chain, "_base": {**chain["_base"], "extends": missing_parent if missing_parent != "_base" else "r"}}
+        folder = tmp_path / missing_parent
+        folder.mkdir()
+        found = _problems(write_registry(folder, broken), "r")
+        extends = [line for line in found if line.startswith('field "extends"') or '"extends" forms a cycle' in line]
+        assert len(extends) == 1 and sorted(set(found) - set(extends)) == sorted(whole), found
+    unquantised_default = {"_base": {"base_model": "m", "extends": "nowhere", "llm_int8_threshold": 5.0},
+                           "r": {"extends": "_base", "dataset_path": "d"}}  # quant_bits from the default (4)
+    (tmp_path / "default").mkdir()
+    assert any('"llm_int8_threshold" is an 8-bit option' in line
+               for line in _problems(write_registry(tmp_path / "default", unquantised_default), "r"))
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    from lora.recipes.registry import parse_override
+
+    assert parse_override("dataset_path=data/a=b.jsonl") == ("dataset_path", "data/a=b.jsonl")
+    assert parse_override(" lora_r = 16") == ("lora_r", 16)
+
+
 def test_all_problems_reported_at_once(tmp_path):
     registry = write_registry(tmp_path, {"bad": {"base_model": "m", "lora_rank": 8, "lora_r": -1, "seed": -3}})
     with pytest.raises(RecipeError) as caught:
