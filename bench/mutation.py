@@ -88,17 +88,37 @@ def mutmut_section(module: str, tests: list[str]) -> str:
 def prepare(module: str, tests: list[str], work: Path) -> Path:
     folder = scratch_folder(module, work)
     shutil.rmtree(folder, ignore_errors=True)
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.splitlines()
-    for name in tracked:
-        source = REPO / name
-        if source.is_file() and not name.startswith("MUTATION"):
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, folder / name)
+    for name in tracked_files():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, folder / name)
     (folder / "record.json").write_text(json.dumps({"started": time.time()}))
     pyproject = folder / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + "\n" + mutmut_section(module, tests))
     return folder
+
+
+def tracked_files() -> list[str]:
+    """The repository's files as git sees them (tracked, and new ones not ignored), MUTATION.md left out."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    return [name for name in names if (REPO / name).is_file() and not name.startswith("MUTATION")]
+
+
+def refresh_copy(folder: Path, module: str) -> None:
+    """Bring a kept scratch copy up to the repository as it is now (tests and fixes added since), all but the
+    mutated module itself: its mutants were made from the kept copy, and a changed module needs a new run."""
+    if (REPO / module).read_bytes() != (folder / module).read_bytes():
+        raise SystemExit(f"--retest: {module} changed since its kept run; run it again without --retest")
+    for name in tracked_files():
+        if name in (module, "pyproject.toml"):
+            continue
+        # mutmut's own copy (mutants/) holds the source folders, the tests and also_copy; other files live beside it
+        targets = [folder / name]
+        if (folder / "mutants" / name.split("/")[0]).exists():
+            targets.append(folder / "mutants" / name)
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target)
 
 
 def verdicts(folder: Path, module: str) -> dict[str, str]:
@@ -122,13 +142,12 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
     if retest:
         if not (folder / "mutants").is_dir():
             raise SystemExit(f"--retest: no kept run of {module} in {folder} (run it with --keep first)")
-        for destination in (folder / "tests", folder / "mutants" / "tests"):
-            shutil.copytree(REPO / "tests", destination, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+        refresh_copy(folder, module)
         # the test selection as MODULES gives it now, which may name test files added since the first run
         section = mutmut_section(module, tests)
         (folder / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + "\n" + section)
-        names = sorted(name for name, status in verdicts(folder, module).items() if status in ("survived", "no tests"))
+        untested = ("survived", "no tests", "not run")
+        names = sorted(name for name, status in verdicts(folder, module).items() if status in untested)
         # mutmut keeps a verdict until its source changes: forget these so that they are tested again
         meta = folder / "mutants" / (module + ".meta")
         data = json.loads(meta.read_text())

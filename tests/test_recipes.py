@@ -201,6 +201,8 @@ def _problems(registry: str, name: str, overrides=None) -> list[str]:
 LORA_R = "expected: LoRA rank r (> 0)."
 SEED = ("expected: Seed for data order, adapter init and dropout: 0 to 2^32-1 (what numpy's and transformers' seeding "
         "accept).")
+TRACKERS = ('"azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow", '
+            '"neptune", "swanlab", "tensorboard", "trackio", "wandb"')
 WHOLE = "is not of type 'integer' (a whole number without a decimal point or exponent; nearest valid value:"
 
 
@@ -226,14 +228,44 @@ WHOLE = "is not of type 'integer' (a whole number without a decimal point or exp
     ("quant_bits", "4bit", ['field "quant_bits": "4bit" is not allowed (allowed: 4, 8, 16, 32, "none", null)']),
     ("quant_bits", "nne", ['field "quant_bits": "nne" is not allowed (allowed: 4, 8, 16, 32, "none", null; '
                            'nearest: "none")']),
+    ("warmup_ratio", 1.5, ['field "warmup_ratio": 1.5 is greater than the maximum of 1 (nearest valid value: 1)']),
+    # a value of one branch's shape is described by that branch: the misspelt name, the bad item of a list
+    ("report_to", "wandbb", [f'field "report_to": "wandbb" is not allowed (allowed: "none", "all", {TRACKERS}; '
+                             'nearest: "wandb")']),
+    ("report_to", ["mlflow", "tensorbord"], [f'field "report_to.1": "tensorbord" is not allowed (allowed: {TRACKERS}; '
+                                             'nearest: "tensorboard")']),
+    ("lora_target_modules", ["q_proj", 1], ["field \"lora_target_modules.1\": 1 is not of type 'string' — expected: "
+                                            "'all-linear' (every linear layer of the architecture except the output "
+                                            'head, detected from the model) or a list of module name suffixes such as '
+                                            '["q_proj", "v_proj"].']),
+    ("lora_target_modules", "all", ["field \"lora_target_modules\": 'all-linear' was expected"]),
+    ("datasets", [{"path": "a.jsonl", "weight": -1}], ['field "datasets.0.weight": -1 is less than or equal to the '
+                                                       "minimum of 0 (expected a value > 0)"]),
+    ("lora_rnk", 4, ['unknown field "lora_rnk" (did you mean "lora_r"?); unknown field "zzz_qqq"']),
 ])
-def test_a_wrong_number_says_why_and_the_nearest_valid_value(tmp_path, field, value, problems):
-    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", field: value}})
-    found = _problems(registry, "r")
+def test_a_wrong_value_says_why_and_the_nearest_valid_value(tmp_path, field, value, problems):
+    recipe = {"base_model": "m", "dataset_path": "d", field: value}
+    if field == "datasets":
+        del recipe["dataset_path"]
+    if field == "lora_rnk":  # two unknown fields: one line naming both
+        recipe["zzz_qqq"] = 1
+    found = _problems(write_registry(tmp_path, {"r": recipe}), "r")
     if field == "base_model":  # its description is long: the start is what is checked
         assert len(found) == 1 and found[0].startswith(problems[0])
     else:
         assert found == problems
+
+
+def test_a_missing_required_field_is_named_with_what_it_is_for(tmp_path):
+    assert _problems(write_registry(tmp_path, {"r": {"base_model": "m"}}), "r") == [
+        'field "dataset_path" is required — a JSONL file of training rows (or "datasets": a list of {"path", '
+        '"weight"} files to mix)']
+
+
+def test_every_recipe_field_says_what_it_is_for():
+    # the messages quote a field's description as what was expected: a field without one would say nothing
+    schema = json.loads((REPO / "lora" / "recipes" / "recipe_schema.json").read_text())
+    assert all(spec.get("description", "").strip() for spec in schema["properties"].values())
 
 
 def test_a_broken_extends_chain_still_reports_every_other_problem_as_an_unbroken_one_would(tmp_path):

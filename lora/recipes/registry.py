@@ -271,7 +271,10 @@ def _describe_schema_error(error: jsonschema.ValidationError, schema: dict, spel
     # A value of the right shape for one branch of a oneOf (e.g. a misspelt name for report_to) is best described
     # by that branch's own complaint, which carries the allowed names and the nearest one.
     if error.validator == "oneOf" and error.context:
-        mistyped = {sub.relative_schema_path[0] for sub in error.context if sub.validator == "type"}
+        # a branch is of the wrong type when the value itself fails its "type" (path [branch, "type"]), not when an
+        # item inside it does: [1] for a list of names is the list branch, with a complaint about its item
+        mistyped = {sub.relative_schema_path[0] for sub in error.context
+                    if sub.validator == "type" and len(sub.relative_schema_path) == 2}
         shaped = [sub for sub in error.context if sub.relative_schema_path[0] not in mistyped]
         if shaped:
             return _describe_schema_error(max(shaped, key=lambda sub: len(sub.absolute_path)), schema, spellings)
