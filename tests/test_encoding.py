@@ -186,3 +186,37 @@ def test_the_answer_starts_where_the_prompts_ids_stop_agreeing_with_the_whole_te
     for part, whole, expected in (([], [1, 2], 0), ([1, 2], [1, 2, 3], 2), ([1, 9], [1, 2, 3], 1),
                                   ([7], [1, 2], 0), ([1, 2, 3], [1, 2], 2), ([4, 5], [4, 5], 2)):
         assert common_prefix_length(part, whole) == expected, (part, whole)
+
+
+def _with_template(tokenizer, template: str):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+def test_an_answer_closes_with_the_chat_turns_end_and_with_eos_when_the_turn_does_not_continue_the_prompt(
+    tiny_model_dir,
+):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert answer_suffix("chat", tokenizer) == "</s>" and answer_suffix("plain", tokenizer) == tokenizer.eos_token
+    # a template that accepts only the roles it knows (as Llama 2's and Mistral's raise on others)
+    strict = _with_template(tokenizer, (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('role') }}"
+        "{% endif %}[{{ m['role'] }}]{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"))
+    assert answer_suffix("chat", strict) == "<|end|>"
+    # a generation prompt the rendered assistant turn does not start with: the marker split would not be the
+    # turn's end, so the answer closes with EOS as plain templates do
+    mismatched = _with_template(tokenizer, (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"))
+    assert answer_suffix("chat", mismatched) == tokenizer.eos_token
+
+
+def test_a_format_string_template_puts_the_context_where_it_says(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    template = "Headline: {context}\nSentiment:"
+    assert prompt_text("Profit fell.", template, tokenizer) == "Headline: Profit fell.\nSentiment:"
+    assert prompt_text("x", "{context}{context}", tokenizer) == "xx"
