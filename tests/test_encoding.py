@@ -213,6 +213,9 @@ def test_an_answer_closes_with_the_chat_turns_end_and_with_eos_when_the_turn_doe
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"))
     assert answer_suffix("chat", mismatched) == tokenizer.eos_token
+    no_eos = _with_template(tokenizer, None)
+    no_eos.eos_token = None  # a tokenizer with a pad token and no EOS: nothing closes a plain answer
+    assert answer_suffix("plain", no_eos) == ""
 
 
 def test_a_format_string_template_puts_the_context_where_it_says(tiny_model_dir):
