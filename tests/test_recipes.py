@@ -118,7 +118,7 @@ def test_the_list_has_a_row_per_recipe_with_what_it_trains_and_broken_recipes_sa
     registry = write_registry(tmp_path, {
         "_base": {"base_model": "org/model"},
         "dora4": {"extends": "_base", "dataset_path": "data/a.jsonl", "quant_bits": 4, "use_dora": True, "lora_r": 16},
-        "broken": {"extends": "_base", "dataset_path": "d", "lora_r": "eight"},
+        "broken": {"extends": "_base", "dataset_path": "d", "lora_alpha": 0, "lora_r": "eight"},
         "lora_bf16": {"extends": "_base", "dataset_path": str(outside), "quant_bits": None, "dtype": "bfloat16"},
         "mix": {"extends": "_base", "datasets": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl"}]},
     })
@@ -133,7 +133,7 @@ def test_the_list_has_a_row_per_recipe_with_what_it_trains_and_broken_recipes_sa
         {"name": "mix", "model": "org/model", "quant": "4-bit", "adapter": "LoRA", "rank": 8,
          "dataset": "2 datasets (mixture)"},
     ]
-    assert '"lora_r"' in problem and "eight" in problem
+    assert '"lora_r"' in problem and "eight" in problem  # the last of its two problems
     working = [row for row in rows if "problem" not in row]
     table = format_recipe_table(working).splitlines()
     header = ["name", "model", "quant", "adapter", "rank", "dataset"]
@@ -142,6 +142,7 @@ def test_the_list_has_a_row_per_recipe_with_what_it_trains_and_broken_recipes_sa
         starts, starts[1:])] + ["-" * max(len(row["dataset"]) for row in working)]
     for line, row in zip(table[2:], working, strict=True):
         assert [line[start:].split("  ")[0] for start in starts] == [str(row[column]) for column in header]
+    assert all(line == line.rstrip() for line in table)  # no line ends in padding
     broken = format_recipe_table(rows).splitlines()[3]
     assert broken.split(None, 1) == ["broken", problem]  # a broken recipe's problem fills the model column
 
@@ -242,6 +243,19 @@ WHOLE = "is not of type 'integer' (a whole number without a decimal point or exp
     ("datasets", [{"path": "a.jsonl", "weight": -1}], ['field "datasets.0.weight": -1 is less than or equal to the '
                                                        "minimum of 0 (expected a value > 0)"]),
     ("lora_rnk", 4, ['unknown field "lora_rnk" (did you mean "lora_r"?); unknown field "zzz_qqq"']),
+    # of no branch's type: the field's own description says what it takes
+    ("report_to", 5, ['field "report_to": 5 is not valid under any of the given schemas — expected: Experiment '
+                      "trackers the Trainer reports to, as its report_to: 'none', one integration name (tensorboard, "
+                      "mlflow, trackio, wandb, ...), a list of them, or 'all' (every one installed). Logs go to logs/ "
+                      "inside the run's output folder unless the tracker's own environment variables name another "
+                      "place (README: Experiment tracking)."]),
+    # a field of several types gets the same number hint; a non-number field gets none, whatever its text
+    ("max_train_examples", 7.6, ["field \"max_train_examples\": 7.6 is not of type 'integer', 'null' (a whole number "
+                                 "without a decimal point or exponent; nearest valid value: 8) — expected: Use only "
+                                 "the first N training rows (after shuffling with the seed). null = all."]),
+    ("use_dora", "Infinity", ["field \"use_dora\": 'Infinity' is not of type 'boolean' — expected: Weight-decomposed "
+                              "LoRA (DoRA): learn a magnitude vector per output row besides the low-rank direction "
+                              "update."]),
 ])
 def test_a_wrong_value_says_why_and_the_nearest_valid_value(tmp_path, field, value, problems):
     recipe = {"base_model": "m", "dataset_path": "d", field: value}
@@ -257,6 +271,9 @@ def test_a_wrong_value_says_why_and_the_nearest_valid_value(tmp_path, field, val
 
 
 def test_a_missing_required_field_is_named_with_what_it_is_for(tmp_path):
+    assert _problems(write_registry(tmp_path, {"r": {"dataset_path": "d"}}), "r") == [
+        'field "base_model" is required — Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model folder '
+        "(relative paths resolve against the registry file's folder). Offline, known ids come from a local source."]
     assert _problems(write_registry(tmp_path, {"r": {"base_model": "m"}}), "r") == [
         'field "dataset_path" is required — a JSONL file of training rows (or "datasets": a list of {"path", '
         '"weight"} files to mix)']
