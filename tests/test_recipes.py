@@ -270,6 +270,74 @@ def test_a_wrong_value_says_why_and_the_nearest_valid_value(tmp_path, field, val
         assert found == problems
 
 
+@pytest.mark.parametrize(("fields", "problems"), [
+    ({"validation_path": "v.jsonl", "validation_split": 0.1},
+     ['give either "validation_path" or "validation_split", not both']),
+    ({"eval_steps": 10}, ['field "eval_steps" needs a validation set (validation_path or validation_split)']),
+    ({"eval_steps": 10, "validation_split": 0.1}, []),
+    ({"eval_steps": 10, "validation_path": "v.jsonl"}, []),
+    ({"fast_dora": True}, ['field "fast_dora" only applies to DoRA recipes (set use_dora true, or drop fast_dora)']),
+    ({"fast_dora": True, "peft_use_dora": False},  # named as the user spelt it
+     ['field "fast_dora" only applies to DoRA recipes (set peft_use_dora true, or drop fast_dora)']),
+    ({"fast_dora": True, "use_dora": True}, []),
+    ({"max_steps": 0}, ['field "max_steps": 0 would train nothing (use -1 for num_epochs, or a positive count)']),
+    ({"max_steps": 1}, []),
+    ({"early_stopping_patience": 2, "eval_steps": 5, "validation_split": 0.1,
+      "early_stopping_metric": "sentimnt:accuracy"},
+     ['field "early_stopping_metric": unknown task "sentimnt" (did you mean "sentiment"?) (tasks are defined in '
+      "eval/tasks.json)"]),
+    ({"lora_dropout": 1},
+     ['field "lora_dropout": 1 is greater than or equal to the maximum of 1 (expected a value < 1)']),
+    ({"base_model": ""}, ["field \"base_model\": '' should be non-empty — expected: Hub id (e.g. "
+                          "HuggingFaceTB/SmolLM2-135M-Instruct) or a local model folder (relative paths resolve "
+                          "against the registry file's folder). Offline, known ids come from a local source."]),
+])
+def test_rules_across_fields_each_say_what_to_change(tmp_path, fields, problems):
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", **fields}})
+    if problems:
+        assert _problems(registry, "r") == problems
+    else:
+        resolve_recipe("r", registry)
+
+
+def test_quant_bits_32_is_unquantised_and_16_keeps_a_dtype_that_was_given(tmp_path):
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d"}})
+    thirty_two = resolve_recipe("r", registry, ["quant_bits=32"])
+    assert thirty_two["quant_bits"] is None and thirty_two["dtype"] == "float32" and not thirty_two.quantised
+    assert resolve_recipe("r", registry, ["quant_bits=16", "dtype=float16"])["dtype"] == "float16"
+
+
+def test_the_run_record_says_which_recipe_of_which_registry_with_what_overrides(tmp_path):
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d"}})
+    recipe = resolve_recipe("r", registry, ["lora_r=4"])
+    record = recipe.to_record()
+    assert (record["name"], record["registry"], record["overrides"]) == ("r", registry, {"lora_r": 4})
+    assert record["auto_dtypes"] == recipe.auto_dtypes and record["lora_r"] == 4
+    assert recipe.get("lora_r") == 4 and recipe.get("no_such_field") is None
+
+
+def test_a_task_added_to_the_evaluation_registry_is_known_to_the_next_recipe_resolved(tmp_path, monkeypatch):
+    """The task names are cached per version of eval/tasks.json (its modification time and size): a long-lived
+    process (a sweep's worker) sees an edited file, whichever of the two changed."""
+    import os
+
+    import lora.recipes.registry as registry_module
+
+    tasks = tmp_path / "tasks.json"
+    monkeypatch.setattr(registry_module, "EVAL_TASKS_PATH", tasks)
+
+    def known_after_writing(name: str, mtime_ns: int) -> list[str]:
+        tasks.write_text(json.dumps({"tasks": {name: {}}}))
+        os.utime(tasks, ns=(mtime_ns, mtime_ns))
+        return registry_module._known_eval_tasks()
+
+    assert known_after_writing("aaaa", 10**18) == ["aaaa"]
+    assert known_after_writing("bbbb", 2 * 10**18) == ["bbbb"]  # the same size, a new time
+    assert known_after_writing("cccccc", 2 * 10**18) == ["cccccc"]  # the same time, a new size
+    tasks.unlink()
+    assert registry_module._known_eval_tasks() == []  # no registry: no task check (it reports its own absence)
+
+
 def test_a_missing_required_field_is_named_with_what_it_is_for(tmp_path):
     assert _problems(write_registry(tmp_path, {"r": {"dataset_path": "d"}}), "r") == [
         'field "base_model" is required — Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model folder '
