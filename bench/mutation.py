@@ -45,7 +45,12 @@ MODULES: dict[str, list[str]] = {
     "lora/adapters/merge.py": ["tests/test_merge.py"],
     "lora/training/run_folder.py": ["tests/test_resume.py", "tests/test_safe_outputs.py",
                                     "tests/test_overwrite_leftovers.py", "tests/test_finetune_runs.py"],
-    "lora/recipes/registry.py": ["tests/test_recipes.py", "tests/test_quantisation_settings.py"],
+    "lora/recipes/registry.py": [
+        "tests/test_recipes.py",
+        "tests/test_quantisation_settings.py",
+        "tests/test_hostile_inputs.py::test_list_does_work_linear_in_the_number_of_recipes",
+        "tests/test_hostile_inputs.py::test_a_symlink_loop_is_a_recipe_problem_and_list_shows_it",
+    ],
     "lora/adapters/fast_dora.py": ["tests/test_fast_dora.py"],
 }
 # Tests left out of a module's mutation run, with why. A child process started in another folder inherits mutmut's
