@@ -182,3 +182,49 @@ def test_smollm2s_real_chat_template_stops_at_the_end_of_the_turn_not_at_the_fir
     answer = "neutral\nThe headline reports no change.\nAnswer: neutral"
     for template in ("chat", "plain"):
         assert _cut_answer(tokenizer, template, generation_config, answer + "<|im_end|>\n<|im_start|>user") == answer
+
+
+# ---- the small rules generation is built from, each at its edges --------------------------------------------------
+
+
+def test_stop_strings_are_the_stop_tokens_as_text_in_order_without_repeats():
+    from transformers import GenerationConfig
+
+    from lora.prompts.generation import stop_strings, stop_token_ids
+
+    tokenizer = build_tiny_tokenizer()
+    assert stop_strings(tokenizer, "plain") == ["</s>"] and stop_strings(tokenizer, "chat") == ["</s>"]
+    declared = GenerationConfig(eos_token_id=[tokenizer.pad_token_id, tokenizer.eos_token_id])
+    assert stop_token_ids(tokenizer, "plain", declared) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert stop_strings(tokenizer, "plain", declared) == ["</s>", "<pad>"]
+
+
+def test_left_padding_uses_the_pad_token_else_the_first_stop_token_else_zero():
+    import copy
+
+    from lora.prompts.generation import left_pad, padding_token_id
+
+    tokenizer = build_tiny_tokenizer()
+    assert padding_token_id(tokenizer, [7, 9]) == tokenizer.pad_token_id
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert padding_token_id(no_pad, [7, 9]) == 7 and padding_token_id(no_pad, []) == 0
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=3, device=torch.device("cpu"))
+    assert input_ids.tolist() == [[5, 6, 7], [3, 3, 8]] and input_ids.dtype == torch.long
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]] and attention_mask.dtype == torch.long
+
+
+def test_the_compute_dtype_is_the_embeddings_float_dtype_or_float32():
+    from lora.prompts.generation import compute_dtype
+
+    model = build_tiny_llama(vocab_size=32)
+    assert compute_dtype(model) == torch.float32
+    assert compute_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+
+    class IntegerEmbeddings(torch.nn.Module):  # what a base with quantised embeddings would show
+        def get_input_embeddings(self):
+            embedding = torch.nn.Embedding(4, 2)
+            embedding.weight = torch.nn.Parameter(torch.zeros(4, 2, dtype=torch.int8), requires_grad=False)
+            return embedding
+
+    assert compute_dtype(IntegerEmbeddings()) == torch.float32
