@@ -228,3 +228,18 @@ def test_the_compute_dtype_is_the_embeddings_float_dtype_or_float32():
             return embedding
 
     assert compute_dtype(IntegerEmbeddings()) == torch.float32
+
+
+def test_generation_is_greedy_at_temperature_zero_and_openai_style_sampling_above_it():
+    from lora.prompts.generation import build_generation_config
+
+    greedy = build_generation_config(max_new_tokens=7, pad_id=1, stop_ids=[0, 5])
+    assert (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens) == (False, 1, 7)
+    assert (greedy.pad_token_id, greedy.eos_token_id, greedy.use_cache) == (1, [0, 5], True)
+    assert build_generation_config(max_new_tokens=7, pad_id=1, stop_ids=[]).eos_token_id is None
+    for temperature, top_p in ((0.5, 1.0), (1.3, 0.9)):
+        sampled = build_generation_config(max_new_tokens=7, pad_id=1, stop_ids=[0], temperature=temperature,
+                                          top_p=top_p)
+        # no top-k cut (transformers' default would keep only the 50 likeliest tokens)
+        assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k) == (True, temperature, top_p, 0)
+    assert build_generation_config(max_new_tokens=7, pad_id=1, stop_ids=[0], temperature=0.7).top_p == 1.0
