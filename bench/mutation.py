@@ -219,9 +219,19 @@ def table_row(record: dict) -> str:
     other = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
     checked = killed + survived + timeout
     share = f"{100 * (killed + timeout) / checked:.1f}" if checked else "-"
-    tests = ", ".join(f"`{Path(test).name}`" for test in record["tests"])
+    tests = ", ".join(test_files_named(record["tests"]))
     return (f"| `{record['module']}` | {tests} | {total} | {killed} | {survived} | {timeout} | {no_tests} | {other} "
             f"| {share} | {record['minutes']:.1f} |")
+
+
+def test_files_named(tests: list[str]) -> list[str]:
+    """`file.py` for a whole test file, `file.py` (N tests) for some of its tests, in the order first given."""
+    picked: dict[str, int | None] = {}
+    for test in tests:
+        name, _, node = test.partition("::")
+        name = Path(name).name
+        picked[name] = None if not node or picked.get(name, 0) is None else picked.get(name, 0) + 1
+    return [f"`{name}`" + (f" ({count} tests)" if count else "") for name, count in picked.items()]
 
 
 def write_table(records: list[dict]) -> None:
