@@ -100,16 +100,9 @@ def test_lm_eval_splits_prompt_and_label_as_we_do(tiny_model_dir, template):
 
 @pytest.fixture(scope="module")
 def bos_tokenizer():
-    """The tiny tokenizer made to add a BOS token of its own, as Llama-family tokenizers do (the tiny one and
-    SmolLM2's add none, which would let special-token handling go unchecked)."""
-    from tokenizers import processors
-
     from tiny_model import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"bos_token": "<s>"})
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer = build_tiny_tokenizer(adds_bos=True)
     assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
     return tokenizer
 

@@ -243,3 +243,44 @@ def test_generation_is_greedy_at_temperature_zero_and_openai_style_sampling_abov
         # no top-k cut (transformers' default would keep only the 50 likeliest tokens)
         assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k) == (True, temperature, top_p, 0)
     assert build_generation_config(max_new_tokens=7, pad_id=1, stop_ids=[0], temperature=0.7).top_p == 1.0
+
+
+def test_a_tokenizers_own_bos_is_never_a_stop_token():
+    from lora.prompts.generation import stop_token_ids
+
+    tokenizer = build_tiny_tokenizer(adds_bos=True)
+    for template in ("plain", "chat"):
+        assert stop_token_ids(tokenizer, template) == [tokenizer.eos_token_id], template
+
+
+def test_the_model_declares_no_end_ids_one_or_several():
+    from transformers import GenerationConfig
+
+    from lora.prompts.generation import declared_end_ids
+
+    assert declared_end_ids(None) == [] and declared_end_ids(GenerationConfig()) == []
+    assert declared_end_ids(GenerationConfig(eos_token_id=3)) == [3]
+    assert declared_end_ids(GenerationConfig(eos_token_id=[3, 4])) == [3, 4]
+
+
+def test_batches_group_similar_lengths_longest_first_and_cuts_say_whether_a_stop_token_ended_the_answer():
+    from lora.prompts.generation import batches_by_length, cut_at_stop
+
+    assert batches_by_length([3, 5, 5, 1, 4], 2) == [[1, 2], [4, 0], [3]]  # ties keep their order
+    assert batches_by_length([], 4) == []
+    assert cut_at_stop([4, 5, 6, 5], [5, 9]) == ([4], True)
+    assert cut_at_stop([4, 6], [5, 9]) == ([4, 6], False)
+    assert cut_at_stop([9], [5, 9]) == ([], True)
+
+
+def test_greedy_generation_reports_each_batch_and_returns_answers_in_prompt_order():
+    from lora.prompts.generation import generate_batch, generate_greedy
+
+    model = build_tiny_llama(vocab_size=64, seed=3)
+    prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]]
+    reported = []
+    answers = generate_greedy(model, prompts, max_new_tokens=4, pad_id=1, stop_ids=[0], batch_size=2,
+                              on_batch=reported.append)
+    assert reported == [2, 2, 1]
+    for prompt, answer in zip(prompts, answers, strict=True):  # the same as each prompt generated alone
+        assert answer == generate_batch(model, [prompt], max_new_tokens=4, pad_id=1, stop_ids=[0])[0].token_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Enough finance-flavoured text for the BPE merges to be meaningful; bytes cover everything else.
@@ -26,7 +26,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 512, *, adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer; `adds_bos` makes it put a BOS token of its own before every text, as
+    Llama-family tokenizers do (it and SmolLM2's add none, which would leave special-token handling unchecked)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -39,6 +41,10 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
+    if adds_bos:
+        fast.add_special_tokens({"bos_token": "<s>"})
+        fast._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", fast.bos_token_id)])
     return fast
 
 
