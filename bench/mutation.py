@@ -66,8 +66,11 @@ COPIED = ["data", "finetune_configs.json", "accelerate_configs", "bench", "READM
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "killed by signal",
           None: "not run"}
-HEADER = ("| module | tests run against it | mutants | killed | survived | timed out | no tests | other | "
-          "killed % | minutes |")
+HEADER = ("| module | tests run against it | mutants | killed | survived | of them equivalent | timed out | no tests | "
+          "other | killed % of the rest | minutes |")
+# Survivors judged by reading them (MUTATION.md's second table is written from this file): "equivalent" (no input
+# can tell the mutant from the module) or "killed outside mutmut" (a test fails on it, but mutmut cannot see it).
+JUDGED = REPO / "bench" / "mutation_judged.json"
 
 
 def mutmut_section(module: str, tests: list[str]) -> str:
@@ -198,7 +201,18 @@ def summarise(module: str, tests: list[str], folder: Path, minutes: float, retur
         shown = subprocess.run([str(mutmut), "show", name], cwd=folder, capture_output=True, text=True, env=env)
         diffs[name] = shown.stdout.strip()
     return {"module": module, "tests": tests, "counts": counts, "minutes": minutes, "returncode": returncode,
-            "survivors": diffs, "log": str(folder / "mutmut.log")}
+            "survivors": diffs, "log": str(folder / "mutmut.log"), "killed": sorted(
+                name for name, status in found.items() if status in ("killed", "timeout"))}
+
+
+def judged(module: str) -> dict[str, str]:
+    """mutant name (as mutmut names it, without the module) -> its verdict, for the survivors read by hand."""
+    groups = json.loads(JUDGED.read_text()).get(module, []) if JUDGED.is_file() else []
+    return {name: group["verdict"] for group in groups for name in group["mutants"]}
+
+
+def short_name(mutant: str) -> str:
+    return mutant.rsplit(".", 1)[-1]
 
 
 def stopped_early(record: dict) -> str | None:
@@ -217,11 +231,41 @@ def table_row(record: dict) -> str:
     killed, survived = counts.pop("killed", 0), counts.pop("survived", 0)
     timeout, no_tests = counts.pop("timeout", 0), counts.pop("no tests", 0)
     other = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
-    checked = killed + survived + timeout
-    share = f"{100 * (killed + timeout) / checked:.1f}" if checked else "-"
+    verdicts = judged(record["module"])
+    survivors = [short_name(name) for name in record["survivors"]]
+    equivalent = sum(verdicts.get(name) == "equivalent" for name in survivors)
+    killed_outside = sum(verdicts.get(name) == "killed outside mutmut" for name in survivors)
+    checked = killed + survived + timeout - equivalent
+    share = f"{100 * (killed + timeout + killed_outside) / checked:.1f}" if checked else "-"
     tests = ", ".join(test_files_named(record["tests"]))
-    return (f"| `{record['module']}` | {tests} | {total} | {killed} | {survived} | {timeout} | {no_tests} | {other} "
-            f"| {share} | {record['minutes']:.1f} |")
+    return (f"| `{record['module']}` | {tests} | {total} | {killed} | {survived} | {equivalent} | {timeout} | "
+            f"{no_tests} | {other} | {share} | {record['minutes']:.1f} |")
+
+
+def misjudged(record: dict) -> list[str]:
+    """Mutants the judged list calls equivalent or killed outside mutmut that this run killed or that no longer
+    exist: the list is stale there and must be read again."""
+    verdicts = judged(record["module"])
+    killed = {short_name(name) for name in record.get("killed", [])}
+    return sorted(name for name, verdict in verdicts.items() if verdict == "equivalent" and name in killed)
+
+
+def judged_section() -> str:
+    """MUTATION.md's list of the survivors read by hand, grouped with the reason for each group."""
+    lines = []
+    for module, groups in json.loads(JUDGED.read_text()).items():
+        lines.append(f"\n**`{module}`**\n")
+        for group in groups:
+            names = ", ".join(readable(name) for name in group["mutants"])
+            lines.append(f"- {group['verdict']} ({len(group['mutants'])}): {group['why']} Mutants: {names}.")
+    return "\n".join(lines).strip() + "\n"
+
+
+def readable(mutant: str) -> str:
+    """x_f__mutmut_3 -> `f` 3; xǁClassǁmethod__mutmut_3 -> `Class.method` 3 (mutmut's own naming)."""
+    function, _, number = mutant.rpartition("__mutmut_")
+    name = ".".join(function[2:].split("ǁ")) if function.startswith("xǁ") else function[2:]
+    return f"`{name}` {number}"
 
 
 def test_files_named(tests: list[str]) -> list[str]:
@@ -245,7 +289,12 @@ def write_table(records: list[dict]) -> None:
         rows[record["module"]] = table_row(record)
     ordered = [rows[m] for m in MODULES if m in rows] + [r for m, r in rows.items() if m not in MODULES]
     separator = "|" + "---|" * (HEADER.count("|") - 1)
-    TABLE.write_text(f"{head}{start}\n{HEADER}\n{separator}\n" + "\n".join(ordered) + f"\n{end}{tail}")
+    text = f"{head}{start}\n{HEADER}\n{separator}\n" + "\n".join(ordered) + f"\n{end}{tail}"
+    first, last = "<!-- judged -->", "<!-- /judged -->"
+    if first in text and JUDGED.is_file():
+        before, rest = text.split(first, 1)
+        text = f"{before}{first}\n{judged_section()}{last}{rest.split(last, 1)[1]}"
+    TABLE.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records.append(record)
         print(table_row(record), flush=True)
+        for name in misjudged(record):
+            print(f"mutation: {module}: {name} is listed as equivalent in {JUDGED.name} but was killed", flush=True)
         survivors_file = args.work / (Path(module).stem + ".survivors.json")
         survivors_file.write_text(json.dumps(record["survivors"], indent=1))
         print(f"mutation: survivors' diffs in {survivors_file}; log {record['log']}", flush=True)
