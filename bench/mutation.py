@@ -61,6 +61,9 @@ DESELECTED: dict[str, list[str]] = {
     "lora/adapters/merge.py": ["tests/test_merge.py::test_cli_refuses_existing_output_and_missing_adapter_with_exit_2"],
     "lora/training/run_folder.py": [
         "tests/test_finetune_runs.py::test_cli_missing_dataset_and_bad_row_and_unknown_model_exit_2"],
+    # torch.compile cannot trace mutmut's trampoline (dynamo stops at its ContextVar.get); the kernels it compiles
+    # are the same functions every other test of the module runs eagerly
+    "lora/adapters/fast_dora.py": ["tests/test_fast_dora.py::test_compiled_composition_matches_stock_peft_on_cpu"],
 }
 COPIED = ["data", "finetune_configs.json", "accelerate_configs", "bench", "README.md", "requirements.txt"]
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
