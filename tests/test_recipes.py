@@ -313,7 +313,9 @@ def test_the_run_record_says_which_recipe_of_which_registry_with_what_overrides(
     record = recipe.to_record()
     assert (record["name"], record["registry"], record["overrides"]) == ("r", registry, {"lora_r": 4})
     assert record["auto_dtypes"] == recipe.auto_dtypes and record["lora_r"] == 4
-    assert recipe.get("lora_r") == 4 and recipe.get("no_such_field") is None
+    assert recipe.get("lora_r") == 4 and recipe.get("no_such_field") is None and recipe.get("no_such_field", 5) == 5
+    automatic = resolve_recipe("r", registry, ["bnb_4bit_compute_dtype=auto"]).auto_dtypes
+    assert automatic["bnb_4bit_compute_dtype"]["from"] == "auto"  # what "auto" became on this machine, and why
 
 
 def test_a_task_added_to_the_evaluation_registry_is_known_to_the_next_recipe_resolved(tmp_path, monkeypatch):
@@ -343,7 +345,7 @@ def test_a_task_added_to_the_evaluation_registry_is_known_to_the_next_recipe_res
 
 @pytest.mark.parametrize(("name", "nearest"), [
     ("../evil", "evil"), ("My Recipe/v2", "My_Recipe_v2"), (".hidden.", "hidden"), ("_a b_", "a_b"), ("é", "my_recipe"),
-    ("a" * 129, "a" * 128), ("ok name" + "b" * 200, ("ok_name" + "b" * 200)[:128]),
+    ("a" * 129, "a" * 128), ("X y!", "X_y"), ("ok name" + "b" * 200, ("ok_name" + "b" * 200)[:128]),
 ])
 def test_a_recipe_name_that_is_not_a_plain_name_is_refused_with_the_nearest_plain_one(tmp_path, name, nearest):
     registry = write_registry(tmp_path, {name: {"base_model": "m", "dataset_path": "d"}})
@@ -429,6 +431,56 @@ def test_problems_are_listed_by_field_name_and_path_fields_are_checked_for_type_
     assert found[1].startswith('field "init_adapter": 5 is not of type \'string\', \'null\'')
 
 
+def test_a_schema_edited_while_a_process_runs_is_read_again(tmp_path, monkeypatch):
+    import os
+
+    import lora.recipes.registry as registry_module
+
+    schema = tmp_path / "recipe_schema.json"
+    schema.write_text(registry_module.SCHEMA_PATH.read_text())
+    os.utime(schema, ns=(10**18, 10**18))
+    monkeypatch.setattr(registry_module, "SCHEMA_PATH", schema)
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", "lora_r": 0}})
+    assert _problems(registry, "r") == ['field "lora_r": 0 is less than the minimum of 1 (nearest valid value: 1)']
+    edited = json.loads(schema.read_text())
+    edited["properties"]["lora_r"]["minimum"] = 0
+    schema.write_text(json.dumps(edited))
+    assert resolve_recipe("r", registry)["lora_r"] == 0
+
+
+def test_problems_in_every_layer_and_after_a_conflict_are_all_reported(tmp_path):
+    # an alias given twice stops nothing after it; a 4-bit option set in a middle layer below an 8-bit choice is a
+    # conflict wherever the recipe that inherits it lies
+    registry = write_registry(tmp_path, {
+        "_base": {"base_model": "m", "quant_bits": 8},
+        "mid": {"extends": "_base", "bnb_4bit_compute_dtype": "bfloat16"},
+        "r": {"extends": "mid", "peft_use_dora": True, "use_dora": True, "dataset_path": "d", "lora_r": 0},
+    })
+    assert _problems(registry, "r") == [
+        'field "peft_use_dora" is FinLoRA\'s name for "use_dora": give only one of them',
+        'field "lora_r": 0 is less than the minimum of 1 (nearest valid value: 1)',
+        'field "bnb_4bit_compute_dtype" is a 4-bit option but quant_bits is 8 (set quant_bits 4)',
+    ]
+
+
+def test_a_symlink_loop_in_a_path_field_says_where_to_point_it(tmp_path):
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "loop.jsonl"}})
+    assert _problems(registry, "r") == [
+        'field "dataset_path": loop.jsonl is a symlink loop (a link that leads back to itself, directly or through '
+        "others); point it at the real file or folder"]
+
+
+def test_json_this_tool_refuses_is_named_by_line_and_column(tmp_path):
+    path = tmp_path / "finetune_configs.json"
+    path.write_text('{"r": {"base_model": "m", "lora_r": NaN}}')
+    with pytest.raises(RecipeError) as refused:
+        read_registry(path)
+    assert str(refused.value) == (f"registry {path}:1:37: NaN is not a finite number (JSON has no NaN or Infinity, "
+                                  "and a float cannot hold it); give a finite number.")
+
+
 def test_a_missing_required_field_is_named_with_what_it_is_for(tmp_path):
     assert _problems(write_registry(tmp_path, {"r": {"dataset_path": "d"}}), "r") == [
         'field "base_model" is required — Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model folder '
@@ -455,7 +507,13 @@ def test_a_broken_extends_chain_still_reports_every_other_problem_as_an_unbroken
         "r": {"extends": "mid", "dataset_path": "d", "lora_r": "8", "bnb_4bit_quant_type": "nf4"},
     }
     whole = _problems(write_registry(tmp_path, chain), "r")
-    assert len(whole) == 5, whole
+    assert sorted(whole) == sorted([
+        'unknown field "lora_rnk" (did you mean "lora_r"?)',
+        'field "peft_use_dora" is FinLoRA\'s name for "use_dora": give only one of them',
+        'field "lora_alpha": 0 is less than or equal to the minimum of 0 (expected a value > 0)',
+        "field \"lora_r\": '8' is not of type 'integer' — expected: LoRA rank r (> 0).",
+        'field "bnb_4bit_quant_type" is a 4-bit option but quant_bits is 8 (set quant_bits 4)',
+    ]), whole
     for missing_parent in ("nowhere", "_base"):  # a parent that does not exist, and a cycle back to the chain's end
         broken = {**chain, "_base": {**chain["_base"], "extends": missing_parent if missing_parent != "_base" else "r"}}
         folder = tmp_path / missing_parent
