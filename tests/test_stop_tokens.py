@@ -197,6 +197,9 @@ def test_stop_strings_are_the_stop_tokens_as_text_in_order_without_repeats():
     declared = GenerationConfig(eos_token_id=[tokenizer.pad_token_id, tokenizer.eos_token_id])
     assert stop_token_ids(tokenizer, "plain", declared) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
     assert stop_strings(tokenizer, "plain", declared) == ["</s>", "<pad>"]
+    # a chat template whose turns end with a token other than EOS: that token stops chat answers, not plain ones
+    tokenizer.chat_template = tokenizer.chat_template.replace("</s>{% endif %}", "<pad>{% endif %}")
+    assert stop_strings(tokenizer, "chat") == ["</s>", "<pad>"] and stop_strings(tokenizer, "plain") == ["</s>"]
 
 
 def test_left_padding_uses_the_pad_token_else_the_first_stop_token_else_zero():
