@@ -34,7 +34,8 @@ TABLE = REPO / "MUTATION.md"
 MODULES: dict[str, list[str]] = {
     "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py"],
     "eval/harness/metrics.py": ["tests/test_eval_metrics.py"],
-    "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_json_files.py"],
+    "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_json_files.py",
+                           "tests/test_command_outputs.py"],
     "lora/prompts/templates.py": ["tests/test_data.py", "tests/test_encoding.py",
                                   "tests/test_stop_tokens.py::test_a_turn_end_of_several_tokens_stops_at_the_end_of_"
                                   "the_turn_not_inside_the_answer",
