@@ -151,3 +151,18 @@ def test_interrupted_replacements_left_in_each_state_are_finished_or_named(tmp_p
     journal.write_text('{"new": ')
     with pytest.raises(OSError, match=r"\.out\.replacing\.json \(an interrupted replacement of .*out\) cannot be read"):
         finish_interrupted_replacement(out)
+
+
+def test_json_is_written_through_a_hidden_sibling_named_after_the_file(tmp_path):
+    """What a killed write leaves behind (a process dies between the two steps) is a dotfile that names the file it
+    was for, beside it; never a half-written file under the real name or a stray tmp* name."""
+    seen = []
+
+    class ListsTheFolderWhileWritten:
+        def __str__(self):  # json.dump's default=str calls this halfway through the write
+            seen.extend(path.name for path in tmp_path.iterdir())
+            return "probe"
+
+    write_json_atomic(tmp_path / "record.json", {"value": ListsTheFolderWhileWritten()})
+    assert len(seen) == 1 and seen[0].startswith(".record.json.")
+    assert [path.name for path in tmp_path.iterdir()] == ["record.json"]
