@@ -414,3 +414,24 @@ def test_merge_uses_peft_math(tiny_model_dir):
     unmerged = eval_logits(model, input_ids)
     merged = model.merge_and_unload()
     assert relative_error(eval_logits(merged, input_ids), unmerged) < FP32_TOLERANCE
+
+
+def test_disable_switches_back_only_fast_layers_keeps_their_classes_and_forgets_cached_norms(tiny_model_dir):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = dora_model(tiny_model_dir, "fp32", fast=True)
+    eval_logits(model, batch())  # fills the norm cache
+    assert any(cached_norms(model))
+    assert disable_fast_dora(model) == LAYERS_PER_TINY_MODEL
+    layers = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    assert len(layers) == LAYERS_PER_TINY_MODEL and all(type(m) is LoraLinear for m in layers)  # not made 4-bit
+    assert not any("_fast_dora_norms" in m.__dict__ for m in model.modules())
+    assert disable_fast_dora(model) == 0  # nothing fast is left to switch back
+
+
+def test_fast_dora_with_dropout_under_autocast_matches_stock_peft(tiny_model_dir):
+    """Dropout and A under autocast give peft's outputs and gradients (bf16 tolerance, as above)."""
+    fast = dora_model(tiny_model_dir, "fp32", fast=True, dropout=0.1)
+    stock = dora_model(tiny_model_dir, "fp32", fast=False, dropout=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_same_training(fast, stock, batch(), tolerance_logits=1e-2, tolerance_grads=3e-2)
