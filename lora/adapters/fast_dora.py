@@ -425,7 +425,9 @@ def _dropout_then_down(dropout: nn.Module, lora_A: nn.Module, x: torch.Tensor):
     Op by op, autograd keeps the float mask and a copy of the dropped-out input for every adapted layer (q, k and
     v each draw their own), two [tokens, in] float tensors per layer that a DoRA layer without dropout does not
     keep. Only nn.Dropout outside autocast is fused; anything else runs as peft runs it."""
-    if type(dropout) is not nn.Dropout or type(lora_A) is not nn.Linear or torch.is_autocast_enabled():
+    # autocast asked about x's own device: without an argument torch answers for CUDA only, and CPU autocast
+    # (bf16 training on these machines) would take the fused path the line above promises it does not
+    if type(dropout) is not nn.Dropout or type(lora_A) is not nn.Linear or torch.is_autocast_enabled(x.device.type):
         dropped = dropout(x)
         return dropped, lora_A(dropped)
     return _DropoutThenDown.apply(x, lora_A.weight, float(dropout.p))
