@@ -122,3 +122,67 @@ def test_a_replacement_whose_new_build_vanished_is_undone(tmp_path):
     assert (out / "marker.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
     assert not os.path.exists(old)
+
+
+# ---- the output rule and publishing, each at its edges -----------------------------------------------------------
+
+
+def _check(out, **changes):
+    from lora.core.files import check_output_folder
+
+    settings = {"overwrite": False, "record": "merge_record.json", "made_by": "lora/merge.py", "kind": "a merged model"}
+    check_output_folder(out, **{**settings, **changes})
+
+
+def test_a_folder_this_tool_did_not_write_is_refused_showing_what_it_holds(tmp_path):
+    for count, shown in ((8, "e0, e1, e2, e3, e4, e5, e6/, e7/"), (10, "e0, e1, e2, e3, e4, e5, e6/, e7/ and 2 more")):
+        out = tmp_path / f"holds_{count}"
+        out.mkdir()
+        for index in range(count):  # files, then folders (shown with a slash)
+            (out / f"e{index}").mkdir() if index >= 6 else (out / f"e{index}").write_text("")
+        with pytest.raises(OutputError) as refused:
+            _check(out, overwrite=True)
+        assert str(refused.value) == (
+            f"--out {out} is not a merged model written by this tool (it has no merge_record.json, which lora/merge.py "
+            f"writes into each; it holds: {shown}), so it is never replaced. Choose another --out, or empty that "
+            "folder yourself.")
+
+
+def test_an_output_that_is_a_file_or_a_dangling_symlink_is_refused_and_left_alone(tmp_path):
+    a_file = tmp_path / "merged"
+    a_file.write_text("mine")
+    with pytest.raises(OutputError) as refused:
+        _check(a_file, overwrite=True, flag="--output-dir")
+    assert str(refused.value) == (f"--output-dir {a_file} is a file, and lora/merge.py writes a folder: name a folder "
+                                  "instead (the file is left as it is).")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError) as refused:
+        _check(dangling)
+    assert str(refused.value) == f"--out {dangling} is a symlink to nothing ({tmp_path / 'nowhere'}); name a folder."
+    assert a_file.read_text() == "mine" and dangling.is_symlink()
+    (tmp_path / "real").mkdir()
+    linked = tmp_path / "linked"
+    linked.symlink_to(tmp_path / "real")
+    _check(linked, overwrite=True)  # a symlink to an empty folder is an output like the folder itself
+
+
+def test_a_published_build_has_the_modes_any_new_file_and_folder_gets_past_its_symlinks(tmp_path):
+    from lora.core.files import claim_output_folder, new_file_mode, new_folder_mode
+
+    out = tmp_path / "merged"
+    with claim_output_folder(out, overwrite=False, record="merge_record.json", made_by="lora/merge.py",
+                             kind="a merged model", say=lambda _: None) as claim:
+        build = claim.new_build()
+        assert build.stat().st_mode & 0o7777 == new_folder_mode()
+        (build / "a_link").symlink_to("merge_record.json")  # sorted first: the files after it still get their modes
+        (build / "merge_record.json").write_text("{}")
+        (build / "sub").mkdir(mode=0o700)
+        (build / "sub" / "weights.safetensors").write_text("")
+        for path in (build / "merge_record.json", build / "sub" / "weights.safetensors"):
+            path.chmod(0o600)  # as safetensors and temporary files are written
+        claim.publish()
+    assert (out / "merge_record.json").stat().st_mode & 0o777 == new_file_mode()
+    assert (out / "sub" / "weights.safetensors").stat().st_mode & 0o777 == new_file_mode()
+    assert (out / "sub").stat().st_mode & 0o777 == new_folder_mode() == out.stat().st_mode & 0o777
+    assert (out / "a_link").is_symlink()
