@@ -186,3 +186,31 @@ def test_a_published_build_has_the_modes_any_new_file_and_folder_gets_past_its_s
     assert (out / "sub" / "weights.safetensors").stat().st_mode & 0o777 == new_file_mode()
     assert (out / "sub").stat().st_mode & 0o777 == new_folder_mode() == out.stat().st_mode & 0o777
     assert (out / "a_link").is_symlink()
+
+
+def test_an_output_over_an_input_is_refused_naming_both_real_paths_and_missing_inputs_are_skipped(tmp_path,
+                                                                                                   monkeypatch):
+    from lora.core.files import refuse_output_over_inputs
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "via_link").symlink_to(adapter)
+    tail = ", which this command reads: it never writes over or into its own inputs (replacing the output would " \
+           "delete them). Choose an output outside it."
+    # skipped inputs (none, empty, not there) come first: the real one after them is still checked
+    inputs = [("an optional file", None), ("the data file", ""), ("a hub id", tmp_path / "org" / "model"),
+              ("the adapter folder", tmp_path / "via_link")]
+    monkeypatch.chdir(tmp_path)  # "" would be the working folder, which holds every output below
+    with pytest.raises(OutputError) as refused:
+        refuse_output_over_inputs(adapter / "merged", inputs)
+    link, merged = tmp_path / "via_link", adapter / "merged"
+    assert str(refused.value) == f"the output {merged} lies inside the adapter folder {link} (= {adapter}){tail}"
+    with pytest.raises(OutputError) as refused:
+        refuse_output_over_inputs(tmp_path, [("the adapter folder", adapter)])
+    assert str(refused.value) == f"the output {tmp_path} contains the adapter folder {adapter}{tail}"
+    refuse_output_over_inputs(tmp_path / "org" / "model" / "merged", inputs[:3])  # nothing there to lose
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(OutputError) as refused:
+        refuse_output_over_inputs(loop, inputs)
+    assert str(refused.value) == f"the output {loop} is a symlink loop; choose another output."
