@@ -311,7 +311,7 @@ def test_a_quantised_base_is_refused_whether_its_layers_or_its_model_say_so(tiny
         refuse_quantised_base(plain, "marked")
 
 
-def test_logit_lists_of_different_lengths_are_not_compared():
+def test_logit_differences_are_compared_pair_by_pair_and_a_nan_is_never_hidden():
     from lora.adapters.merge import max_abs_difference
 
     one = [torch.zeros(1, 2, 3)]
