@@ -242,3 +242,67 @@ def test_checkpoint_problem_names_missing_and_unreadable_files(finished_run, tmp
     shutil.copy2(finished_run / "checkpoints" / "checkpoint-1" / "optimizer.pt", checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 1')
     assert checkpoint_problem(checkpoint).startswith("trainer_state.json cannot be read")
+
+
+# ---- a full disk, told in the user's words -------------------------------------------------------------------------
+
+
+def _disk_full_message(error, output_dir, work_dir):
+    from lora.training.run_folder import OutputPlan, disk_full_error
+
+    found = disk_full_error(error, OutputPlan(output_dir=output_dir, work_dir=work_dir))
+    return None if found is None else str(found)
+
+
+def test_a_full_disk_names_the_disk_the_space_and_what_is_kept_and_other_errors_are_left_alone(tmp_path):
+    import errno
+    import os
+    import re
+
+    from lora.training.run_folder import CHECKPOINT_DIR
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "adapter.safetensors").write_bytes(b"x" * 1536)
+    (run / "link").symlink_to(run / "checkpoint-2" / "adapter.safetensors")  # counted once, as the file it names
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message = _disk_full_message(full, run, run)
+    mount = tmp_path.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    size = r"\d+(\.\d)? (bytes|KiB|MiB|GiB)"
+    assert re.fullmatch(
+        rf"the disk holding {re.escape(str(run))} \(mounted at {re.escape(str(mount))}\) is full: {size} free of "
+        rf"{size}, and this run's folder needs at least 1\.5 KiB \(what it had written when the disk filled; each "
+        r"checkpoint adds its adapter and optimizer state\)\. Nothing was published and the checkpoints written so "
+        rf"far stay in {re.escape(str(run / CHECKPOINT_DIR))}\. Free space on that disk, or pass --output-dir on "
+        r"another one\. \(\[Errno 28\] No space left on device\)", message), message
+
+    # replacing a finished run: the new run writes beside it, and the old one is what the message keeps
+    finished, beside = tmp_path / "finished", tmp_path / ".finished.overwrite"
+    finished.mkdir()
+    (finished / "adapter_model.safetensors").write_bytes(b"x" * (3 << 20))
+    beside.mkdir()
+    (beside / "partial").write_bytes(b"x" * 1024)
+    message = _disk_full_message(OSError(errno.EDQUOT, "Disk quota exceeded"), finished, beside)
+    assert "needs at least 3.0 MiB (what the run it replaces takes;" in message
+    assert f"the previous run in {finished} is unchanged." in message
+
+    # the cause of a library's own error counts; words alone count only when the disk really is nearly full
+    try:
+        try:
+            raise full
+        except OSError as cause:
+            raise RuntimeError("safetensors could not save the checkpoint") from cause
+    except RuntimeError as wrapped:
+        assert _disk_full_message(wrapped, run, run) is not None
+    assert _disk_full_message(RuntimeError("PytorchStreamWriter: file write failed"), run, run) is None
+    assert _disk_full_message(ValueError("bad value"), run, run) is None
+    assert _disk_full_message(OSError(errno.EACCES, "Permission denied"), run, run) is None
+
+
+def test_sizes_are_told_in_the_largest_unit_below_1024():
+    from lora.training.run_folder import _size
+
+    assert [_size(n) for n in (0, 1023, 1024, 1536, (3 << 20) - 1, 5 << 30, 2 << 40)] == [
+        "0 bytes", "1023 bytes", "1.0 KiB", "1.5 KiB", "3.0 MiB", "5.0 GiB", "2048.0 GiB"]
