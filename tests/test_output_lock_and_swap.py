@@ -214,3 +214,14 @@ def test_an_output_over_an_input_is_refused_naming_both_real_paths_and_missing_i
     with pytest.raises(OutputError) as refused:
         refuse_output_over_inputs(loop, inputs)
     assert str(refused.value) == f"the output {loop} is a symlink loop; choose another output."
+
+
+def test_an_earlier_output_of_the_command_is_replaced_only_when_asked(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "merge_record.json").write_text("{}")
+    with pytest.raises(OutputError) as refused:
+        _check(out)
+    assert str(refused.value) == (f"{out} already exists. Choose another output folder, or pass --overwrite to replace "
+                                  "it (only once the new output is complete).")
+    _check(out, overwrite=True)
