@@ -313,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                              "yet tested count as 'not run'), run nothing")
     parser.add_argument("--retest", action="store_true",
                         help="run only the survivors of a kept earlier run again, against the tests as they are now")
+    parser.add_argument("--with-tests", nargs="+", metavar="TEST",
+                        help="with --retest: run the survivors against these tests only (those added for them), "
+                             "not the module's whole selection, whose slow tests each survivor would run again")
     args = parser.parse_args(argv)
+    if args.with_tests and not args.retest:
+        parser.error("--with-tests goes with --retest")
     if args.list:
         for module, tests in MODULES.items():
             print(f"{module}: {' '.join(tests)}")
@@ -334,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     records, failed = [], False
     for module in chosen:
         print(f"mutation: {module} against {' '.join(MODULES[module])} ...", flush=True)
-        record = run_module(module, MODULES[module], args.work, args.max_children, retest=args.retest)
+        record = run_module(module, args.with_tests or MODULES[module], args.work, args.max_children,
+                            retest=args.retest)
+        record["tests"] = MODULES[module]
         reason = stopped_early(record)
         if reason:
             print(f"mutation: {module}: mutmut tested no mutant ({reason}); its table row is left as it was. To see "
