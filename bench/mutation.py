@@ -185,11 +185,13 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
 
 def keep_earlier_verdicts(meta: Path, earlier_codes: dict, retested: set[str]) -> None:
     """Put back the verdicts of the mutants a retest did not run: mutmut regenerates its records when its
-    configuration changed (a new test selection) and would report every earlier kill as 'not run'."""
+    configuration changed (a new test selection) and would report every earlier kill as 'not run'; and a survivor
+    that a narrower selection (--with-tests) does not reach stays a survivor rather than becoming 'no tests'."""
     data = json.loads(meta.read_text())
     codes = data["exit_code_by_key"]
+    not_reached = (None, 5, 33)
     for name, code in earlier_codes.items():
-        if name not in retested and codes.get(name) is None:
+        if codes.get(name) in not_reached and (name not in retested or code == 0):
             codes[name] = code
     meta.write_text(json.dumps(data))
 
