@@ -146,7 +146,8 @@ def scratch_folder(module: str, work: Path) -> Path:
     return work / re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py"))
 
 
-def run_module(module: str, tests: list[str], work: Path, max_children: int, retest: bool = False) -> dict:
+def run_module(module: str, tests: list[str], work: Path, max_children: int, retest: bool = False,
+               with_tests: bool = False) -> dict:
     """Run mutmut over `module`; with `retest`, only its surviving mutants again, in the kept scratch folder, against
     the tests as they are now (tests added since are found by mutmut, which collects their coverage first)."""
     folder = scratch_folder(module, work)
@@ -158,7 +159,8 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         # the test selection as MODULES gives it now, which may name test files added since the first run
         section = mutmut_section(module, tests)
         (folder / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + "\n" + section)
-        untested = ("survived", "no tests", "not run")
+        # with --with-tests only the survivors: the narrower selection is for them, not for mutants never tested
+        untested = ("survived",) if with_tests else ("survived", "no tests", "not run")
         names = sorted(name for name, status in verdicts(folder, module).items() if status in untested)
         # mutmut keeps a verdict until its source changes: forget these so that they are tested again
         meta = folder / "mutants" / (module + ".meta")
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in chosen:
         print(f"mutation: {module} against {' '.join(MODULES[module])} ...", flush=True)
         record = run_module(module, args.with_tests or MODULES[module], args.work, args.max_children,
-                            retest=args.retest)
+                            retest=args.retest, with_tests=bool(args.with_tests))
         record["tests"] = MODULES[module]
         reason = stopped_early(record)
         if reason:
