@@ -159,8 +159,9 @@ def run_module(module: str, tests: list[str], work: Path, max_children: int, ret
         # the test selection as MODULES gives it now, which may name test files added since the first run
         section = mutmut_section(module, tests)
         (folder / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + "\n" + section)
-        # with --with-tests only the survivors: the narrower selection is for them, not for mutants never tested
-        untested = ("survived",) if with_tests else ("survived", "no tests", "not run")
+        # with --with-tests the survivors and the unreached: the narrower selection is for them, not for mutants
+        # never tested
+        untested = ("survived", "no tests") if with_tests else ("survived", "no tests", "not run")
         names = sorted(name for name, status in verdicts(folder, module).items() if status in untested)
         # mutmut keeps a verdict until its source changes: forget these so that they are tested again
         meta = folder / "mutants" / (module + ".meta")
