@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -325,160 +326,27 @@ def test_a_task_added_to_the_evaluation_registry_is_known_to_the_next_recipe_res
 
     import lora.recipes.registry as registry_module
 
-    tasks = tmp_path / "tasks.json"
+    tasks = tmp_path / "eval" / "tasks.json"
+    tasks.parent.mkdir()
+    monkeypatch.setattr(registry_module, "REPO_ROOT", tmp_path)  # a checkout whose eval/tasks.json is this one
     monkeypatch.setattr(registry_module, "EVAL_TASKS_PATH", tasks)
+    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", "eval_tasks": ["bbbb"]}})
 
-    def known_after_writing(name: str, mtime_ns: int) -> list[str]:
+    def problems_after_writing(name: str, mtime_ns: int) -> list[str]:
         tasks.write_text(json.dumps({"tasks": {name: {}}}))
         os.utime(tasks, ns=(mtime_ns, mtime_ns))
-        return registry_module._known_eval_tasks()
+        try:
+            resolve_recipe("r", registry)
+        except RecipeError as error:
+            return str(error).splitlines()[1:]
+        return []
 
-    assert known_after_writing("aaaa", 10**18) == ["aaaa"]
-    assert known_after_writing("bbbb", 2 * 10**18) == ["bbbb"]  # the same size, a new time
-    assert known_after_writing("cccccc", 2 * 10**18) == ["cccccc"]  # the same time, a new size
+    unknown = [f'  - field "eval_tasks": unknown task "bbbb" (tasks are defined in {Path("eval/tasks.json")})']
+    assert problems_after_writing("aaaa", 10**18) == unknown
+    assert problems_after_writing("bbbb", 2 * 10**18) == []  # the same size, a new time
+    assert problems_after_writing("cccccc", 2 * 10**18) == unknown  # the same time, a new size
     tasks.unlink()
-    assert registry_module._known_eval_tasks() == []  # no registry: no task check (it reports its own absence)
-
-
-# ---- the registry file, recipe names and what a resolved recipe holds ---------------------------------------
-
-
-@pytest.mark.parametrize(("name", "nearest"), [
-    ("../evil", "evil"), ("My Recipe/v2", "My_Recipe_v2"), (".hidden.", "hidden"), ("_a b_", "a_b"), ("é", "my_recipe"),
-    ("a" * 129, "a" * 128), ("X y!", "X_y"), ("ok name" + "b" * 200, ("ok_name" + "b" * 200)[:128]),
-])
-def test_a_recipe_name_that_is_not_a_plain_name_is_refused_with_the_nearest_plain_one(tmp_path, name, nearest):
-    registry = write_registry(tmp_path, {name: {"base_model": "m", "dataset_path": "d"}})
-    with pytest.raises(RecipeError) as refused:
-        read_registry(registry)
-    assert str(refused.value) == (
-        f"registry {registry}: recipe name {json.dumps(name)} is not a plain name (its adapter is written to "
-        'outputs/<name>/): use letters, digits, "_" and "-", with "." only inside, at most 128 characters; '
-        f"nearest: {json.dumps(nearest)}.")
-
-
-def test_plain_names_up_to_the_length_limit_are_accepted(tmp_path):
-    names = ["a" * 128, "Ab-1.2_c", "x", "v1.0-final"]
-    registry = write_registry(tmp_path, {name: {"base_model": "m", "dataset_path": "d"} for name in names})
-    assert list(read_registry(registry)[1]) == names
-
-
-def test_a_registry_that_cannot_be_read_says_why(tmp_path):
-    missing = tmp_path / "nope.json"
-    with pytest.raises(RecipeError) as refused:
-        read_registry(missing)
-    assert str(refused.value) == f"registry file {missing} does not exist (expected a JSON object of named recipes)."
-    latin1 = tmp_path / "latin1.json"
-    latin1.write_bytes(b'{"caf\xe9": {}}')
-    with pytest.raises(RecipeError) as refused:
-        read_registry(latin1)
-    assert str(refused.value) == f"registry {latin1}: byte 5 is not UTF-8 (save the file as UTF-8)."
-    loop = tmp_path / "loop.json"
-    loop.symlink_to(loop)
-    with pytest.raises(RecipeError) as refused:
-        read_registry(loop)
-    assert str(refused.value) == (f"registry file {loop} is a symlink loop (a link that leads back to itself); give "
-                                  "the registry's real path.")
-    for shape in ([{"base_model": "m"}], {"r": 5}, {"r": {"base_model": "m"}, "s": []}):
-        path = tmp_path / "shape.json"
-        path.write_text(json.dumps(shape))
-        with pytest.raises(RecipeError) as refused:
-            read_registry(path)
-        assert str(refused.value) == f"registry {path} must be a JSON object mapping recipe names to objects."
-
-
-def test_an_unknown_recipe_lists_the_known_ones(tmp_path):
-    registry = write_registry(tmp_path, {"_base": {"base_model": "m"}, "alpha": {"extends": "_base"},
-                                         "beta": {"extends": "_base"}})
-    with pytest.raises(RecipeError) as refused:
-        resolve_recipe("alpah", registry)
-    assert str(refused.value) == (f'no recipe named "alpah" in {registry} (did you mean "alpha"?). Known recipes: '
-                                  "alpha, beta. `python lora/finetune.py --list` shows them.")
-    (tmp_path / "empty").mkdir()
-    empty = write_registry(tmp_path / "empty", {})
-    with pytest.raises(RecipeError, match=r"Known recipes: \(none\)\. `python"):
-        resolve_recipe("alpha", empty)
-
-
-def test_a_resolved_recipe_is_named_runs_under_its_name_and_owns_its_lists(tmp_path):
-    registry = write_registry(tmp_path, {"root": {"base_model": "m", "dataset_path": "d"},
-                                         "named": {"extends": "root", "run_name": "my-run"}})
-    root = resolve_recipe("root", registry)
-    assert root.name == "root" and root["run_name"] == "root" and "extends" not in root.fields
-    assert resolve_recipe("named", registry)["run_name"] == "my-run"
-    root["eval_tasks"].append("changed")  # a caller changing its recipe changes no later one's defaults
-    root["reward_functions"].append("changed")
-    again = resolve_recipe("root", registry)
-    assert again["eval_tasks"] == [] and again["reward_functions"] == []
-
-
-def test_overrides_switch_the_width_and_may_not_give_a_field_twice(tmp_path):
-    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", "quant_bits": 4,
-                                               "bnb_4bit_compute_dtype": "float32"}})
-    # the recipe's 4-bit option no longer applies once the command line picks 8 bits: not a conflict
-    assert resolve_recipe("r", registry, ["quant_bits=8"])["quant_bits"] == 8
-    assert _problems(registry, "r", ["quant_bits=8", "bnb_4bit_compute_dtype=bfloat16"]) == [
-        'field "bnb_4bit_compute_dtype" is a 4-bit option but quant_bits is 8 (set quant_bits 4)']
-    assert _problems(registry, "r", ["peft_use_dora=true", "use_dora=false"]) == [
-        'field "peft_use_dora" is FinLoRA\'s name for "use_dora": give only one of them']
-
-
-def test_problems_are_listed_by_field_name_and_path_fields_are_checked_for_type_first(tmp_path):
-    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", "seed": -1,
-                                               "batch_size": 0, "lora_r": 0, "init_adapter": 5}})
-    found = _problems(registry, "r")
-    assert [line.split('"')[1] for line in found] == ["batch_size", "init_adapter", "lora_r", "seed"]
-    assert found[1].startswith('field "init_adapter": 5 is not of type \'string\', \'null\'')
-
-
-def test_a_schema_edited_while_a_process_runs_is_read_again(tmp_path, monkeypatch):
-    import os
-
-    import lora.recipes.registry as registry_module
-
-    schema = tmp_path / "recipe_schema.json"
-    schema.write_text(registry_module.SCHEMA_PATH.read_text())
-    os.utime(schema, ns=(10**18, 10**18))
-    monkeypatch.setattr(registry_module, "SCHEMA_PATH", schema)
-    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "d", "lora_r": 0}})
-    assert _problems(registry, "r") == ['field "lora_r": 0 is less than the minimum of 1 (nearest valid value: 1)']
-    edited = json.loads(schema.read_text())
-    edited["properties"]["lora_r"]["minimum"] = 0
-    schema.write_text(json.dumps(edited))
-    assert resolve_recipe("r", registry)["lora_r"] == 0
-
-
-def test_problems_in_every_layer_and_after_a_conflict_are_all_reported(tmp_path):
-    # an alias given twice stops nothing after it; a 4-bit option set in a middle layer below an 8-bit choice is a
-    # conflict wherever the recipe that inherits it lies
-    registry = write_registry(tmp_path, {
-        "_base": {"base_model": "m", "quant_bits": 8},
-        "mid": {"extends": "_base", "bnb_4bit_compute_dtype": "bfloat16"},
-        "r": {"extends": "mid", "peft_use_dora": True, "use_dora": True, "dataset_path": "d", "lora_r": 0},
-    })
-    assert _problems(registry, "r") == [
-        'field "peft_use_dora" is FinLoRA\'s name for "use_dora": give only one of them',
-        'field "lora_r": 0 is less than the minimum of 1 (nearest valid value: 1)',
-        'field "bnb_4bit_compute_dtype" is a 4-bit option but quant_bits is 8 (set quant_bits 4)',
-    ]
-
-
-def test_a_symlink_loop_in_a_path_field_says_where_to_point_it(tmp_path):
-    loop = tmp_path / "loop.jsonl"
-    loop.symlink_to(loop)
-    registry = write_registry(tmp_path, {"r": {"base_model": "m", "dataset_path": "loop.jsonl"}})
-    assert _problems(registry, "r") == [
-        'field "dataset_path": loop.jsonl is a symlink loop (a link that leads back to itself, directly or through '
-        "others); point it at the real file or folder"]
-
-
-def test_json_this_tool_refuses_is_named_by_line_and_column(tmp_path):
-    path = tmp_path / "finetune_configs.json"
-    path.write_text('{"r": {"base_model": "m", "lora_r": NaN}}')
-    with pytest.raises(RecipeError) as refused:
-        read_registry(path)
-    assert str(refused.value) == (f"registry {path}:1:37: NaN is not a finite number (JSON has no NaN or Infinity, "
-                                  "and a float cannot hold it); give a finite number.")
+    resolve_recipe("r", registry)  # no task registry: no task check (the evaluation reports its absence itself)
 
 
 def test_a_missing_required_field_is_named_with_what_it_is_for(tmp_path):

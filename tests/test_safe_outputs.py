@@ -302,9 +302,9 @@ def test_a_full_disk_names_the_disk_the_space_and_what_is_kept_and_other_errors_
 
 
 def test_sizes_are_told_in_the_largest_unit_below_1024():
-    from lora.training.run_folder import _size
+    from lora.training.run_folder import human_size
 
-    assert [_size(n) for n in (0, 1023, 1024, 1536, (3 << 20) - 1, 5 << 30, 2 << 40)] == [
+    assert [human_size(n) for n in (0, 1023, 1024, 1536, (3 << 20) - 1, 5 << 30, 2 << 40)] == [
         "0 bytes", "1023 bytes", "1.0 KiB", "1.5 KiB", "3.0 MiB", "5.0 GiB", "2048.0 GiB"]
 
 
@@ -312,17 +312,17 @@ def test_checkpoints_carried_into_a_replacement_are_linked_or_copied_across_file
     import os
     import tempfile
 
-    from lora.training.run_folder import _link_or_copy
+    from lora.training.run_folder import link_or_copy
 
     source = tmp_path / "optimizer.pt"
     source.write_bytes(b"state")
     os.utime(source, (1_000_000, 1_000_000))
-    _link_or_copy(str(source), str(tmp_path / "linked.pt"))
+    link_or_copy(str(source), str(tmp_path / "linked.pt"))
     assert os.path.samefile(source, tmp_path / "linked.pt")  # one file system: a hard link, no second copy
     if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("needs /dev/shm on another file system than the temporary folder (a hard link cannot cross)")
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
         copied = os.path.join(other, "optimizer.pt")
-        _link_or_copy(str(source), copied)
+        link_or_copy(str(source), copied)
         assert open(copied, "rb").read() == b"state" and not os.path.samefile(source, copied)
         assert os.stat(copied).st_mtime == 1_000_000  # copied with its times, as copytree's default would

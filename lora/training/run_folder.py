@@ -39,6 +39,8 @@ __all__ = [
     "disk_full_error",
     "finish_output_dir",
     "hold_output_dir",
+    "human_size",
+    "link_or_copy",
     "LOSS_CURVE_FILE",
     "on_main_process",
     "OutputPlan",
@@ -243,10 +245,11 @@ def prepare_output_dir(plan: OutputPlan) -> None:
                 link = name == CHECKPOINT_DIR
                 shutil.copytree(plan.output_dir / name, plan.work_dir / name, symlinks=True,
                                 ignore=shutil.ignore_patterns(CHECKPOINT_STAGING_DIR),
-                                copy_function=_link_or_copy if link else shutil.copy2)
+                                copy_function=link_or_copy if link else shutil.copy2)
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str, target: str) -> None:
+    """Hard-link `source` to `target`, or copy it with its times where the file system cannot link."""
     try:
         os.link(source, target)
     except OSError:  # a file system without hard links
@@ -295,8 +298,8 @@ def disk_full_error(error: BaseException, plan: OutputPlan) -> OutputError | Non
     kept = (f"the previous run in {plan.output_dir} is unchanged" if plan.replaces
             else f"the checkpoints written so far stay in {plan.work_dir / CHECKPOINT_DIR}")
     return OutputError(
-        f"the disk holding {plan.work_dir} (mounted at {mount}) is full: {_size(usage.free)} free of "
-        f"{_size(usage.total)}, and this run's folder needs at least {_size(needed)} "
+        f"the disk holding {plan.work_dir} (mounted at {mount}) is full: {human_size(usage.free)} free of "
+        f"{human_size(usage.total)}, and this run's folder needs at least {human_size(needed)} "
         f"({'what the run it replaces takes' if earlier >= written else 'what it had written when the disk filled'}"
         f"; each checkpoint adds its adapter and optimizer state). Nothing was published and {kept}. Free space on "
         f"that disk, or pass --output-dir on another one. ({error})"
@@ -309,7 +312,8 @@ def _tree_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
 
 
-def _size(count: int) -> str:
+def human_size(count: int) -> str:
+    """A byte count in the largest unit below 1024 (bytes, KiB, MiB, GiB), for messages."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
