@@ -435,3 +435,24 @@ def test_fast_dora_with_dropout_under_autocast_matches_stock_peft(tiny_model_dir
     stock = dora_model(tiny_model_dir, "fp32", fast=False, dropout=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert_same_training(fast, stock, batch(), tolerance_logits=1e-2, tolerance_grads=3e-2)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fast_dora_matches_stock_peft_on_a_base_with_biases(tmp_path, dropout):
+    """Biased projections (Qwen's q/k/v have them): the DoRA terms use the base output without its bias, and the
+    magnitude's gradient subtracts the bias's share."""
+    from tiny_model import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    biased = build_tiny_llama(len(tokenizer), bias=True)
+    with torch.no_grad():
+        for name, parameter in biased.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+    biased.save_pretrained(tmp_path / "biased")
+    tokenizer.save_pretrained(tmp_path / "biased")
+    fast = dora_model(tmp_path / "biased", "fp32", fast=True, dropout=dropout)
+    stock = dora_model(tmp_path / "biased", "fp32", fast=False, dropout=dropout)
+    assert any(m.get_base_layer().bias is not None for m in fast.modules() if hasattr(m, "lora_magnitude_vector"))
+    assert_same_eval(fast, stock, batch(), "fp32")
+    assert_same_training(fast, stock, batch(), tolerance_logits=FP32_TOLERANCE, tolerance_grads=FP32_TOLERANCE)

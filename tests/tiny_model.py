@@ -48,7 +48,9 @@ def build_tiny_tokenizer(vocab_size: int = 512, *, adds_bos: bool = False) -> Pr
     return fast
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> LlamaForCausalLM:
+def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                     bias: bool = False) -> LlamaForCausalLM:
+    """A tiny Llama; `bias` gives its attention and MLP projections biases (as Qwen's q/k/v have)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -62,6 +64,8 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, laye
         eos_token_id=0,
         pad_token_id=1,
         bos_token_id=None,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     return LlamaForCausalLM(config).eval()
 
