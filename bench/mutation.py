@@ -252,8 +252,8 @@ def table_row(record: dict) -> str:
 
 
 def misjudged(record: dict) -> list[str]:
-    """Mutants the judged list calls equivalent or killed outside mutmut that this run killed or that no longer
-    exist: the list is stale there and must be read again."""
+    """Mutants the judged list calls equivalent that this run killed: the list is wrong there and must be read
+    again."""
     verdicts = judged(record["module"])
     killed = {short_name(name) for name in record.get("killed", [])}
     return sorted(name for name, verdict in verdicts.items() if verdict == "equivalent" and name in killed)
