@@ -128,8 +128,6 @@ def test_plain_and_format_templates_get_the_tokenizers_bos_and_chat_prompts_only
 
 
 def test_a_template_is_plain_chat_or_a_format_string_and_chat_needs_a_chat_template(bos_tokenizer):
-    import copy
-
     from lora.core.errors import DataError
     from lora.prompts.templates import check_template
 
@@ -141,8 +139,7 @@ def test_a_template_is_plain_chat_or_a_format_string_and_chat_needs_a_chat_templ
             check_template(template, bos_tokenizer)
         assert str(refused.value) == (
             f'prompt_template "{template}" is neither "plain", "chat" nor a format string containing {{context}}.')
-    without_chat = copy.deepcopy(bos_tokenizer)
-    without_chat.chat_template = None
+    without_chat = _with_template(bos_tokenizer, None)
     for template in ("plain", "Q: {context}"):
         check_template(template, without_chat)
     with pytest.raises(DataError) as refused:
@@ -181,7 +178,7 @@ def test_the_answer_starts_where_the_prompts_ids_stop_agreeing_with_the_whole_te
         assert common_prefix_length(part, whole) == expected, (part, whole)
 
 
-def _with_template(tokenizer, template: str):
+def _with_template(tokenizer, template: str | None):
     import copy
 
     other = copy.deepcopy(tokenizer)
