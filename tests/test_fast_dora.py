@@ -429,10 +429,11 @@ def test_disable_switches_back_only_fast_layers_keeps_their_classes_and_forgets_
     assert disable_fast_dora(model) == 0  # nothing fast is left to switch back
 
 
-def test_fast_dora_with_dropout_under_autocast_matches_stock_peft(tiny_model_dir):
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_fast_dora_with_dropout_under_autocast_matches_stock_peft(tiny_model_dir, base):
     """Dropout and A under autocast give peft's outputs and gradients (bf16 tolerance, as above)."""
-    fast = dora_model(tiny_model_dir, "fp32", fast=True, dropout=0.1)
-    stock = dora_model(tiny_model_dir, "fp32", fast=False, dropout=0.1)
+    fast = dora_model(tiny_model_dir, base, fast=True, dropout=0.1)
+    stock = dora_model(tiny_model_dir, base, fast=False, dropout=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert_same_training(fast, stock, batch(), tolerance_logits=1e-2, tolerance_grads=3e-2)
 

@@ -146,7 +146,7 @@ if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
             base = self.get_base_layer()
             quant_state = getattr(base.weight, "quant_state", None)
             if (
-                torch.is_autocast_enabled()
+                torch.is_autocast_enabled(base.weight.device.type)  # without the device, CUDA's autocast only
                 or not base.compute_type_is_set  # bitsandbytes picks the compute dtype on its first call
                 or quant_state is None
                 or getattr(quant_state, "packing_format_for_cpu", False)
