@@ -12,6 +12,8 @@ section there that mutates only that module and selects only its tests, runs `mu
 each mutant from mutmut's own records. The rows of MUTATION.md for the modules run are replaced; other rows stay.
 `--keep` leaves the scratch folders (under --work) to look at survivors with `mutmut show NAME` inside them, and
 `--retest MODULE` runs only the survivors of such a kept run again once tests were added for them.
+`--check-outside MODULE` checks the survivors judged "killed outside mutmut": each is written into a plain copy of
+the repository (`mutmut apply`) and the tests its group names must fail there.
 """
 
 from __future__ import annotations
@@ -199,6 +201,46 @@ def keep_earlier_verdicts(meta: Path, earlier_codes: dict, retested: set[str]) -
     meta.write_text(json.dumps(data))
 
 
+def check_outside(module: str, work: Path) -> list[str]:
+    """The survivors judged "killed outside mutmut" that the tests named for them do not kill: each mutant is made
+    with `mutmut apply` in the kept run's folder (the module there is put back after), copied into a plain copy of
+    the repository, and its group's tests are run there with pytest alone (exit 1: a test failed)."""
+    folder = scratch_folder(module, work)
+    if not (folder / "mutants").is_dir():
+        raise SystemExit(f"--check-outside: no kept run of {module} in {folder} (run it with --keep first)")
+    if (REPO / module).read_bytes() != (folder / module).read_bytes():
+        raise SystemExit(f"--check-outside: {module} changed since its kept run; run it again first")
+    groups = [group for group in json.loads(JUDGED.read_text()).get(module, [])
+              if group["verdict"] == "killed outside mutmut"]
+    plain = folder.with_name(folder.name + "_outside")
+    shutil.rmtree(plain, ignore_errors=True)
+    for name in tracked_files():
+        (plain / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, plain / name)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    prefix = module.removesuffix(".py").replace("/", ".")
+    original = (folder / module).read_bytes()
+    survived = []
+    for group in groups:
+        for mutant in group["mutants"]:
+            try:
+                subprocess.run([str(mutmut), "apply", f"{prefix}.{mutant}"], cwd=folder, check=True,
+                               capture_output=True)
+                (plain / module).write_bytes((folder / module).read_bytes())
+            finally:
+                (folder / module).write_bytes(original)
+            if (plain / module).read_bytes() == original:
+                raise SystemExit(f"--check-outside: mutmut apply {mutant} changed nothing")
+            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                     *group["tests"]], cwd=plain, capture_output=True, text=True)
+            verdict = "killed" if result.returncode == 1 else f"NOT killed (pytest exit {result.returncode})"
+            print(f"mutation: {module}: {mutant}: {verdict}", flush=True)
+            if result.returncode != 1:
+                survived.append(mutant)
+    shutil.rmtree(plain, ignore_errors=True)
+    return survived
+
+
 def summarise(module: str, tests: list[str], folder: Path, minutes: float, returncode: int | None) -> dict:
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -318,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                              "yet tested count as 'not run'), run nothing")
     parser.add_argument("--retest", action="store_true",
                         help="run only the survivors of a kept earlier run again, against the tests as they are now")
+    parser.add_argument("--check-outside", action="store_true",
+                        help="check that the tests named for each survivor judged 'killed outside mutmut' fail on "
+                             "it outside mutmut (needs a kept run), run nothing else")
     parser.add_argument("--with-tests", nargs="+", metavar="TEST",
                         help="with --retest: run the survivors against these tests only (those added for them), "
                              "not the module's whole selection, whose slow tests each survivor would run again")
@@ -332,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"not in MODULES: {', '.join(unknown)} (known: {', '.join(MODULES)})")
     chosen = args.modules or sorted(MODULES, key=lambda m: (REPO / m).stat().st_size)
+    if args.check_outside:
+        wrong = [name for module in chosen for name in check_outside(module, args.work)]
+        return 1 if wrong else 0
     if args.report:
         for module in chosen:
             folder = scratch_folder(module, args.work)
