@@ -34,7 +34,7 @@ def single_thread():
 def quantization_config(base: str):
     if base == "nf4-fp32":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    if base == "nf4-bf16":
+    if base in ("nf4-bf16", "bf16-nf4"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     if base == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -42,7 +42,8 @@ def quantization_config(base: str):
 
 
 def load_base(model_dir, base: str):
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(base))
+    dtype = torch.bfloat16 if base.startswith("bf16") else torch.float32  # bf16-nf4: a bf16 model quantised
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization_config(base))
 
 
 def dora_model(model_dir, base: str, fast: bool, dropout: float = 0.0, rslora: bool = False, checkpointing=False):
@@ -177,6 +178,43 @@ def test_fast_dora_matches_stock_peft_with_bf16_compute(tiny_model_dir, dropout,
     fast = dora_model(tiny_model_dir, "nf4-bf16", fast=True, dropout=dropout)
     stock = dora_model(tiny_model_dir, "nf4-bf16", fast=False, dropout=dropout)
     assert_same_training(fast, stock, batch(), tolerance_logits=tolerance_logits, tolerance_grads=3e-2)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("base", ["bf16", "bf16-nf4"])
+def test_fast_dora_matches_stock_peft_on_a_bf16_base(tiny_model_dir, base, dropout):
+    """A bf16 model, as it is or quantised to NF4 from bf16 (peft keeps the adapter in fp32): every layer's output
+    is bf16 as stock peft's, so the next layer takes it, and each gradient has its parameter's dtype. Stock peft rounds W + s·BA and its norm to
+    bf16 where fast DoRA accumulates in fp32: the tolerances of the CUDA bf16 check (tests/test_gpu.py)."""
+    fast = dora_model(tiny_model_dir, base, fast=True, dropout=dropout)
+    stock = dora_model(tiny_model_dir, base, fast=False, dropout=dropout)
+    assert {p.dtype for n, p in fast.named_parameters() if "lora_" in n} == {torch.float32}
+    fast_logits, stock_logits = eval_logits(fast, batch()), eval_logits(stock, batch())
+    assert fast_logits.dtype == stock_logits.dtype == torch.bfloat16
+    assert relative_error(fast_logits, stock_logits) < 3e-2
+    fast_logits, fast_grads = train_forward_backward(fast, batch())
+    stock_logits, stock_grads = train_forward_backward(stock, batch())
+    assert relative_error(fast_logits, stock_logits) < 3e-2
+    assert {n: g.dtype for n, g in fast_grads.items()} == {n: g.dtype for n, g in stock_grads.items()}
+    for name in stock_grads:
+        assert relative_error(fast_grads[name], stock_grads[name]) < 8e-2, name
+
+
+@pytest.mark.parametrize(("setting", "compiled"), [
+    ("1", True), ("true", True), (" Yes ", True), ("ON", True), ("0", False), ("false", False), ("no", False),
+    ("off", False), ("auto", False), (None, False),
+])
+def test_compile_setting_on_cpu(monkeypatch, setting, compiled):
+    """FAST_DORA_COMPILE: 1/true/yes/on (any case, spaces around) compile the fused composition on the CPU too;
+    0/false/no/off never; auto or unset only on CUDA. torch.compile compiles lazily, so nothing is compiled here."""
+    if setting is None:
+        monkeypatch.delenv(fast_dora.COMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fast_dora.COMPILE_ENV, setting)
+    monkeypatch.setattr(fast_dora, "_compiled_kernels", None)
+    forward, backward = fast_dora._composition_kernels(torch.device("cpu"))
+    eager = (forward, backward) == (fast_dora.composition_forward, fast_dora.composition_backward)
+    assert eager is not compiled
 
 
 @pytest.mark.parametrize("base", ["fp32", "nf4-fp32", "int8"])
@@ -429,12 +467,14 @@ def test_disable_switches_back_only_fast_layers_keeps_their_classes_and_forgets_
     assert disable_fast_dora(model) == 0  # nothing fast is left to switch back
 
 
-@pytest.mark.parametrize("base", ["fp32", "nf4"])
-def test_fast_dora_with_dropout_under_autocast_matches_stock_peft(tiny_model_dir, base):
-    """Dropout and A under autocast give peft's outputs and gradients (bf16 tolerance, as above)."""
+@pytest.mark.parametrize("base", ["fp32", "nf4-fp32"])
+def test_fast_dora_under_autocast_matches_stock_peft(tiny_model_dir, base):
+    """Under autocast (bf16 tolerance, as above): eval outputs, where a 4-bit layer leaves its fused path for peft's
+    forward and the variant computes W Aᵀ from the 4-bit weight itself; and training with dropout."""
     fast = dora_model(tiny_model_dir, base, fast=True, dropout=0.1)
     stock = dora_model(tiny_model_dir, base, fast=False, dropout=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert relative_error(eval_logits(fast, batch()), eval_logits(stock, batch())) < 1e-2
         assert_same_training(fast, stock, batch(), tolerance_logits=1e-2, tolerance_grads=3e-2)
 
 
