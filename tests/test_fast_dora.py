@@ -446,6 +446,39 @@ def test_enable_counts_only_dora_layers_and_disable_restores_stock(tiny_model_di
     assert relative_error(eval_logits(model, input_ids), fast_logits) < FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("layer", ["fan_in_fan_out", "lora_bias"])
+def test_layers_fast_dora_does_not_compute_stay_on_stock_peft(layer):
+    """A transposed weight (GPT-2's Conv1D, fan_in_fan_out) and an adapter with a bias on B (peft refuses lora_bias
+    with DoRA today; a peft that allows it sets this flag) stay on peft's DoRA: fast DoRA assumes neither."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(7)
+    if layer == "fan_in_fan_out":
+        config = LoraConfig(r=4, target_modules=["0"], use_dora=True, fan_in_fan_out=True)
+        model = get_peft_model(torch.nn.Sequential(Conv1D(48, 64)), config)
+    else:
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 48)),
+                               LoraConfig(r=4, target_modules=["0"], use_dora=True))
+        model.base_model.model[0].lora_bias["default"] = True
+    assert enable_fast_dora(model) == 0
+    variants = [v for m in model.modules() for v in getattr(m, "lora_variant", {}).values()]
+    assert len(variants) == 1 and type(variants[0]) is DoraLinearVariant
+
+
+def test_a_dora_adapter_added_after_enabling_is_switched_by_the_next_enable(tiny_model_dir):
+    """enable_fast_dora again after add_adapter: the already-fast 4-bit layers take the new adapter too, and its
+    outputs are stock peft's."""
+    model = dora_model(tiny_model_dir, "nf4-fp32", fast=True)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    model.set_adapter("second")
+    stock_logits = eval_logits(model, batch())  # the new adapter is still on peft's DoRA here
+    assert enable_fast_dora(model) == LAYERS_PER_TINY_MODEL
+    assert all(isinstance(m.lora_variant["second"], FastDoraLinearVariant)
+               for m in model.modules() if hasattr(m, "lora_magnitude_vector"))
+    assert relative_error(eval_logits(model, batch()), stock_logits) < FP32_TOLERANCE
+
+
 def test_merge_uses_peft_math(tiny_model_dir):
     model = dora_model(tiny_model_dir, "fp32", fast=True)
     input_ids = batch()
