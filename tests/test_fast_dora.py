@@ -184,8 +184,9 @@ def test_fast_dora_matches_stock_peft_with_bf16_compute(tiny_model_dir, dropout,
 @pytest.mark.parametrize("base", ["bf16", "bf16-nf4"])
 def test_fast_dora_matches_stock_peft_on_a_bf16_base(tiny_model_dir, base, dropout):
     """A bf16 model, as it is or quantised to NF4 from bf16 (peft keeps the adapter in fp32): every layer's output
-    is bf16 as stock peft's, so the next layer takes it, and each gradient has its parameter's dtype. Stock peft rounds W + s·BA and its norm to
-    bf16 where fast DoRA accumulates in fp32: the tolerances of the CUDA bf16 check (tests/test_gpu.py)."""
+    is bf16 as stock peft's, so the next layer takes it, and each gradient has its parameter's dtype. Stock peft
+    rounds W + s·BA and its norm to bf16 where fast DoRA accumulates in fp32: the tolerances of the CUDA bf16 check
+    (tests/test_gpu.py)."""
     fast = dora_model(tiny_model_dir, base, fast=True, dropout=dropout)
     stock = dora_model(tiny_model_dir, base, fast=False, dropout=dropout)
     assert {p.dtype for n, p in fast.named_parameters() if "lora_" in n} == {torch.float32}
@@ -477,6 +478,51 @@ def test_a_dora_adapter_added_after_enabling_is_switched_by_the_next_enable(tiny
     assert all(isinstance(m.lora_variant["second"], FastDoraLinearVariant)
                for m in model.modules() if hasattr(m, "lora_magnitude_vector"))
     assert relative_error(eval_logits(model, batch()), stock_logits) < FP32_TOLERANCE
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank (a DTensor needs one), destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_sharded_base_weight_is_refused_not_normed(one_process_group):
+    """Tensor parallelism holds weights and activations as DTensors: a row norm taken from a sharded weight would be
+    a shard's, so fast DoRA stops with a message that says what to switch off."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    model = dora_linear(fast=True)
+    base = model.base_model.model[0].get_base_layer()
+    mesh = init_device_mesh("cpu", (1,))
+    for name in ("weight", "bias"):
+        sharded = distribute_tensor(getattr(base, name).data, mesh, [Shard(0)])
+        setattr(base, name, torch.nn.Parameter(sharded, requires_grad=False))
+    model.eval()
+    with pytest.raises(RuntimeError, match=r"sharded base weight \(DTensor.*set fast_dora false"):
+        model(distribute_tensor(torch.randn(2, 64), mesh, [Replicate()]))
+
+
+def test_a_zero3_base_weight_is_used_gathered_and_refused_as_a_partition():
+    """DeepSpeed ZeRO-3 marks each parameter with its status: fast DoRA reads a gathered (AVAILABLE) weight and
+    refuses one held only as a partition, naming the status."""
+    zero = pytest.importorskip("deepspeed.runtime.zero.partition_parameters",
+                               reason="needs the deepspeed extra: pip install -r requirements-deepspeed.txt")
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
+    stock = dora_linear(fast=False).eval()
+    model = dora_linear(fast=True).eval()
+    weight = model.base_model.model[0].get_base_layer().weight
+    weight.ds_status = zero.ZeroParamStatus.AVAILABLE
+    with torch.no_grad():
+        assert relative_error(model(x), stock(x)) < FP32_TOLERANCE
+    clear_fast_dora_cache(model)
+    weight.ds_status = zero.ZeroParamStatus.NOT_AVAILABLE
+    with pytest.raises(RuntimeError, match=r"sharded base weight \(Parameter, ZeRO-3 status .*NOT_AVAILABLE"):
+        model(x)
 
 
 def test_merge_uses_peft_math(tiny_model_dir):
