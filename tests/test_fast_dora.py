@@ -558,9 +558,10 @@ def test_fast_dora_under_autocast_matches_stock_peft(tiny_model_dir, base):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fast_dora_matches_stock_peft_on_a_base_with_biases(tmp_path, dropout):
+@pytest.mark.parametrize("base", ["fp32", "nf4-fp32"])
+def test_fast_dora_matches_stock_peft_on_a_base_with_biases(tmp_path, base, dropout):
     """Biased projections (Qwen's q/k/v have them): the DoRA terms use the base output without its bias, and the
-    magnitude's gradient subtracts the bias's share."""
+    magnitude's gradient subtracts the bias's share; on a 4-bit base the bias also goes into the shared GEMM."""
     from tiny_model import build_tiny_llama, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -571,8 +572,27 @@ def test_fast_dora_matches_stock_peft_on_a_base_with_biases(tmp_path, dropout):
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
     biased.save_pretrained(tmp_path / "biased")
     tokenizer.save_pretrained(tmp_path / "biased")
-    fast = dora_model(tmp_path / "biased", "fp32", fast=True, dropout=dropout)
-    stock = dora_model(tmp_path / "biased", "fp32", fast=False, dropout=dropout)
+    fast = dora_model(tmp_path / "biased", base, fast=True, dropout=dropout)
+    stock = dora_model(tmp_path / "biased", base, fast=False, dropout=dropout)
     assert any(m.get_base_layer().bias is not None for m in fast.modules() if hasattr(m, "lora_magnitude_vector"))
-    assert_same_eval(fast, stock, batch(), "fp32")
+    assert_same_eval(fast, stock, batch(), base)
     assert_same_training(fast, stock, batch(), tolerance_logits=FP32_TOLERANCE, tolerance_grads=FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B", "lora_magnitude_vector"])
+def test_fast_dora_matches_stock_peft_with_part_of_the_adapter_frozen(tiny_model_dir, frozen, dropout):
+    """Freezing A (as LoRA-FA does), B or the magnitude: the other parts get stock peft's gradients, the frozen part
+    none, on a 4-bit base and a plain one."""
+    for base in ("nf4-fp32", "fp32"):
+        models = [dora_model(tiny_model_dir, base, fast=fast, dropout=dropout) for fast in (True, False)]
+        for model in models:
+            for name, parameter in model.named_parameters():
+                if frozen in name:
+                    parameter.requires_grad_(False)
+        (fast_logits, fast_grads), (stock_logits, stock_grads) = (train_forward_backward(m, batch()) for m in models)
+        assert relative_error(fast_logits, stock_logits) < FP32_TOLERANCE
+        assert fast_grads.keys() == stock_grads.keys() and not any(frozen in name for name in fast_grads)
+        for name in stock_grads:
+            assert fast_grads[name] is not None and stock_grads[name] is not None, name
+            assert relative_error(fast_grads[name], stock_grads[name]) < FP32_TOLERANCE, (base, name)
