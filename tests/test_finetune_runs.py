@@ -16,6 +16,7 @@ from lora.models.loading import load_base_model
 from lora.models.quantisation import QuantisationSettings
 from lora.recipes.registry import resolve_recipe
 from lora.training.run import run_recipe
+from lora.training.run_folder import plot_loss_curve
 
 EXPECTED_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "loss_curve.png",
@@ -125,3 +126,46 @@ def test_cli_missing_dataset_and_bad_row_and_unknown_model_exit_2(registry, tmp_
                       cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_loss_curve_shows_train_and_validation_loss_against_the_optimizer_step(tmp_path, monkeypatch):
+    """loss_curve.png: a 600x350 PNG, the train loss as a line and the validation loss as dots against the optimizer
+    step, labelled, titled with the run, faint grid; no figure left open. The figure is read as matplotlib drew it
+    (savefig is watched, not replaced)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    drawn, renderers = [], []
+    real_savefig = Figure.savefig
+
+    def watched_savefig(figure, *args, **kwargs):
+        drawn.append(figure)
+        saved = real_savefig(figure, *args, **kwargs)
+        renderers.append(figure.canvas.get_renderer())  # the one that drew it, before the figure is closed
+        return saved
+
+    monkeypatch.setattr(Figure, "savefig", watched_savefig)
+    plot_loss_curve([(1, 2.0), (2, 1.5), (3, 1.2)], [(2, 1.7), (3, 1.4)], tmp_path / "both.png", "demo (tiny)")
+    plot_loss_curve([(1, 2.0), (2, 1.5)], [], tmp_path / "train.png", "no validation")
+    plot_loss_curve([], [(2, 1.7)], tmp_path / "validation.png", "no train loss")
+    assert plt.get_fignums() == []
+    with Image.open(tmp_path / "both.png") as image:
+        assert (image.format, image.size) == ("PNG", (600, 350))
+    lines_of = [figure.axes[0].get_lines() for figure in drawn]
+    assert [[line.get_label() for line in lines] for lines in lines_of] == [
+        ["train loss", "validation loss"], ["train loss"], ["validation loss"]]
+    train, validation = lines_of[0]
+    assert (list(train.get_xdata()), list(train.get_ydata())) == ([1, 2, 3], [2.0, 1.5, 1.2])
+    assert (list(validation.get_xdata()), list(validation.get_ydata())) == ([2, 3], [1.7, 1.4])
+    assert train.get_marker() == "None" and validation.get_marker() == "o"
+    axis = drawn[0].axes[0]
+    assert (axis.get_xlabel(), axis.get_ylabel()) == ("optimizer step", "loss (answer tokens)")
+    assert (axis.get_title(), axis.title.get_fontsize()) == ("demo (tiny)", 9)
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["train loss", "validation loss"]
+    assert all(line.get_visible() and line.get_alpha() == 0.3 for line in axis.get_xgridlines())
+    # laid out to fit: no label or title cut off at the image's edges
+    renderer = renderers[0]
+    labels = [axis.xaxis.label, axis.yaxis.label, axis.title]
+    assert all(drawn[0].bbox.contains(*corner) for text in labels
+               for corner in text.get_window_extent(renderer).corners()), "a label or the title is cut off"
