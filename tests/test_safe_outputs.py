@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,6 +300,91 @@ def test_a_full_disk_names_the_disk_the_space_and_what_is_kept_and_other_errors_
     assert _disk_full_message(RuntimeError("PytorchStreamWriter: file write failed"), run, run) is None
     assert _disk_full_message(ValueError("bad value"), run, run) is None
     assert _disk_full_message(OSError(errno.EACCES, "Permission denied"), run, run) is None
+
+
+def _needing_more_than_the_free_space(run):
+    """Make `run` look bigger than the free space of its disk: a sparse file (its apparent size is counted, no block
+    is written), so that a library's words alone are believed, as on a nearly full disk."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "sparse", "wb") as sparse:
+        sparse.truncate(shutil.disk_usage(run).free + (1 << 30))
+
+
+def test_a_full_disk_is_found_through_every_link_of_the_error_chain_and_by_words_only_when_room_is_short(tmp_path):
+    import errno
+
+    run = tmp_path / "run"
+    run.mkdir()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:  # raised while handling the full disk: only __context__ links them
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("saving failed")  # noqa: B904 - the implicit link is what is tested
+    except RuntimeError as wrapped:
+        assert wrapped.__cause__ is None and wrapped.__context__ is full
+        assert _disk_full_message(wrapped, run, run) is not None
+    explicit = RuntimeError("could not write the checkpoint")
+    explicit.__cause__ = full  # `raise ... from full` outside the handler: only __cause__
+    assert explicit.__context__ is None and _disk_full_message(explicit, run, run) is not None
+    # the errno decides, whatever a library wrote as its text
+    assert _disk_full_message(OSError(errno.ENOSPC, "write error"), run, run) is not None
+
+    # words alone: believed once the run needs more than the disk has free, and only the words of a full disk
+    _needing_more_than_the_free_space(run)
+    for words in ("PytorchStreamWriter failed writing file data/0: file write failed",
+                  "[enforce fail at inline_container.cc:603] . unexpected pos 123 vs 456", "StorageFull"):
+        assert "is full" in _disk_full_message(RuntimeError(words), run, run), words
+    assert _disk_full_message(OSError(errno.EACCES, "Permission denied"), run, run) is None
+    assert _disk_full_message(ValueError("bad value"), run, run) is None
+
+
+def test_a_full_disk_message_names_the_right_disk_and_need_before_and_after_anything_was_written(tmp_path):
+    import errno
+    import os
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # the run's folder not made yet: the disk of the folder it would be made in; nothing written
+    message = _disk_full_message(full, tmp_path / "new", tmp_path / "new")
+    assert "needs at least 0 bytes (what it had written when the disk filled;" in message
+    # a first run never speaks of a run it replaces, whatever it wrote
+    (tmp_path / "first").mkdir()
+    assert "what it had written" in _disk_full_message(full, tmp_path / "first", tmp_path / "first")
+    # a replacement that wrote as much as the run it replaces: it needs that much
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter").write_bytes(b"x" * 2048)
+    (tmp_path / ".old.overwrite").mkdir()
+    (tmp_path / ".old.overwrite" / "adapter").write_bytes(b"x" * 2048)
+    message = _disk_full_message(full, tmp_path / "old", tmp_path / ".old.overwrite")
+    assert "needs at least 2.0 KiB (what the run it replaces takes;" in message
+    # a folder that is itself a mount point (an --output-dir on its own disk) is on that disk, not its parent's
+    mount_point = next((path for path in ("/dev/shm", "/run", "/dev") if os.path.ismount(path)), None)
+    if mount_point is None:
+        pytest.skip("no mount point to use as a run folder here: runs where /dev/shm, /run or /dev is one (Linux)")
+    assert f"(mounted at {mount_point})" in _disk_full_message(full, Path(mount_point), Path(mount_point))
+
+
+def test_a_failed_run_leaves_its_checkpoints_but_not_its_half_staged_final_files_or_replacement(tmp_path):
+    from lora.training.run_folder import CHECKPOINT_DIR, STAGING_PREFIX, OutputPlan, abandon_output_dir
+
+    # in place (a first run, or resuming): the checkpoints stay for --resume, final files being staged go
+    run = tmp_path / "run"
+    (run / CHECKPOINT_DIR / "checkpoint-2").mkdir(parents=True)
+    (run / f"{STAGING_PREFIX}123").mkdir()
+    (run / f"{STAGING_PREFIX}123" / "adapter_model.safetensors").write_bytes(b"half")
+    abandon_output_dir(OutputPlan(output_dir=run, work_dir=run))
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT_DIR]
+    assert (run / CHECKPOINT_DIR / "checkpoint-2").is_dir()
+    # replacing a finished run: the replacement goes, the finished run stays as it was
+    finished, beside = tmp_path / "finished", tmp_path / ".finished.overwrite"
+    finished.mkdir()
+    (finished / "adapter_config.json").write_text("{}")
+    (beside / f"{STAGING_PREFIX}9").mkdir(parents=True)
+    abandon_output_dir(OutputPlan(output_dir=finished, work_dir=beside))
+    assert not beside.exists() and [p.name for p in finished.iterdir()] == ["adapter_config.json"]
+    # nothing made yet: nothing to do, and no error
+    abandon_output_dir(OutputPlan(output_dir=tmp_path / "never", work_dir=tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_sizes_are_told_in_the_largest_unit_below_1024():

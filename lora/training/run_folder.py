@@ -290,6 +290,9 @@ def disk_full_error(error: BaseException, plan: OutputPlan) -> OutputError | Non
     written = _tree_size(plan.work_dir)
     earlier = _tree_size(plan.output_dir) if plan.replaces else 0
     needed = max(written, earlier)
+    # a replacement needs the room its predecessor takes; a first run, what it had written
+    reason = ("what the run it replaces takes" if plan.replaces and earlier >= written
+              else "what it had written when the disk filled")
     if not by_errno and usage.free >= max(needed, 1 << 20):
         return None  # torch's wording alone, with room left on the disk: some other write error
     mount = folder.resolve()
@@ -300,9 +303,8 @@ def disk_full_error(error: BaseException, plan: OutputPlan) -> OutputError | Non
     return OutputError(
         f"the disk holding {plan.work_dir} (mounted at {mount}) is full: {human_size(usage.free)} free of "
         f"{human_size(usage.total)}, and this run's folder needs at least {human_size(needed)} "
-        f"({'what the run it replaces takes' if earlier >= written else 'what it had written when the disk filled'}"
-        f"; each checkpoint adds its adapter and optimizer state). Nothing was published and {kept}. Free space on "
-        f"that disk, or pass --output-dir on another one. ({error})"
+        f"({reason}; each checkpoint adds its adapter and optimizer state). Nothing was published and {kept}. Free "
+        f"space on that disk, or pass --output-dir on another one. ({error})"
     )
 
 
