@@ -34,7 +34,8 @@ TABLE = REPO / "MUTATION.md"
 # module -> the tests that are about it (pytest node ids or files). Only these run against its mutants: the
 # whole suite per mutant would not finish on 2 cores, and a test elsewhere that happens to fail is not a test of it.
 MODULES: dict[str, list[str]] = {
-    "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py"],
+    "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py", "tests/test_chat_data.py",
+                                  "tests/test_mixtures.py"],
     "eval/harness/metrics.py": ["tests/test_eval_metrics.py"],
     "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_json_files.py",
                            "tests/test_command_outputs.py"],
