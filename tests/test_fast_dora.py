@@ -46,8 +46,10 @@ def load_base(model_dir, base: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quantization_config(base))
 
 
-def dora_model(model_dir, base: str, fast: bool, dropout: float = 0.0, rslora: bool = False, checkpointing=False):
-    """A DoRA model whose B and magnitude are moved off their initial values, identically for every call."""
+def dora_model(model_dir, base: str, fast: bool, dropout: float = 0.0, rslora: bool = False, checkpointing=False,
+               adapter_in_fp32: bool = True):
+    """A DoRA model whose B and magnitude are moved off their initial values, identically for every call
+    (`adapter_in_fp32` False: the adapter keeps a bf16 base's dtype, peft's autocast_adapter_dtype=False)."""
     model = load_base(model_dir, base)
     if checkpointing:  # as the runner prepares quantised bases
         model = prepare_model_for_kbit_training(
@@ -63,14 +65,14 @@ def dora_model(model_dir, base: str, fast: bool, dropout: float = 0.0, rslora: b
         use_rslora=rslora,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=adapter_in_fp32)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # B = 0 at init would hide every cross term of the factored norm
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
             elif "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+                parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
     if fast:
         assert enable_fast_dora(model) == LAYERS_PER_TINY_MODEL
     return model
@@ -181,15 +183,18 @@ def test_fast_dora_matches_stock_peft_with_bf16_compute(tiny_model_dir, dropout,
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("base", ["bf16", "bf16-nf4"])
-def test_fast_dora_matches_stock_peft_on_a_bf16_base(tiny_model_dir, base, dropout):
-    """A bf16 model, as it is or quantised to NF4 from bf16 (peft keeps the adapter in fp32): every layer's output
-    is bf16 as stock peft's, so the next layer takes it, and each gradient has its parameter's dtype. Stock peft
+@pytest.mark.parametrize(("base", "adapter_in_fp32"), [("bf16", True), ("bf16-nf4", True), ("bf16", False),
+                                                       ("bf16-nf4", False)])
+def test_fast_dora_matches_stock_peft_on_a_bf16_base(tiny_model_dir, base, adapter_in_fp32, dropout):
+    """A bf16 model, as it is or quantised to NF4 from bf16, with the adapter in fp32 (peft's default) or bf16:
+    every layer's output is bf16 as stock peft's, so the next layer takes it, and each gradient has its parameter's
+    dtype. Stock peft
     rounds W + s·BA and its norm to bf16 where fast DoRA accumulates in fp32: the tolerances of the CUDA bf16 check
     (tests/test_gpu.py)."""
-    fast = dora_model(tiny_model_dir, base, fast=True, dropout=dropout)
-    stock = dora_model(tiny_model_dir, base, fast=False, dropout=dropout)
-    assert {p.dtype for n, p in fast.named_parameters() if "lora_" in n} == {torch.float32}
+    fast = dora_model(tiny_model_dir, base, fast=True, dropout=dropout, adapter_in_fp32=adapter_in_fp32)
+    stock = dora_model(tiny_model_dir, base, fast=False, dropout=dropout, adapter_in_fp32=adapter_in_fp32)
+    adapter_dtype = torch.float32 if adapter_in_fp32 else torch.bfloat16
+    assert {p.dtype for n, p in fast.named_parameters() if "lora_" in n} == {adapter_dtype}
     fast_logits, stock_logits = eval_logits(fast, batch()), eval_logits(stock, batch())
     assert fast_logits.dtype == stock_logits.dtype == torch.bfloat16
     assert relative_error(fast_logits, stock_logits) < 3e-2
@@ -252,6 +257,27 @@ def test_fast_dora_follows_every_change_of_the_adapter_scale(tiny_model_dir, bas
                 if hasattr(module, "lora_magnitude_vector"):
                     change(module)
         assert_same_eval(fast, stock, input_ids, base)
+    assert_same_training(fast, stock, input_ids, FP32_TOLERANCE, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fast_dora_follows_a_base_weight_rewritten_in_place(tiny_model_dir, dropout):
+    """Base weights loaded again in place (load_state_dict copies into the same tensors): nothing fast DoRA cached
+    from the old weights (row norms, ||W||²) is used after."""
+    fast = dora_model(tiny_model_dir, "fp32", fast=True, dropout=dropout)
+    stock = dora_model(tiny_model_dir, "fp32", fast=False, dropout=dropout)
+    input_ids = batch()
+    assert_same_eval(fast, stock, input_ids, "fp32")
+    assert_same_training(fast, stock, input_ids, FP32_TOLERANCE, FP32_TOLERANCE)  # caches filled on both paths
+    generator = torch.Generator().manual_seed(11)
+    new_weights = {name: 0.05 * torch.randn(module.get_base_layer().weight.shape, generator=generator)
+                   for name, module in fast.named_modules() if hasattr(module, "lora_magnitude_vector")}
+    for model in (fast, stock):
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name in new_weights:
+                    module.get_base_layer().weight.copy_(new_weights[name])
+    assert_same_eval(fast, stock, input_ids, "fp32")
     assert_same_training(fast, stock, input_ids, FP32_TOLERANCE, FP32_TOLERANCE)
 
 
