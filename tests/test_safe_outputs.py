@@ -339,6 +339,28 @@ def test_a_full_disk_is_found_through_every_link_of_the_error_chain_and_by_words
     assert _disk_full_message(ValueError("bad value"), run, run) is None
 
 
+def test_a_librarys_words_alone_mean_a_full_disk_only_below_one_mib_free_or_the_runs_need(small_disk):
+    """torch says "file write failed" for a full disk and for other write errors: believed when less than
+    max(what the run needs, 1 MiB) is free. On a tmpfs, whose free space is exact to the page."""
+    disk = small_disk(4 << 20)
+    run = disk / "run"
+    run.mkdir()  # nothing written yet: the run needs less than the 1 MiB floor
+    words = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    def leave_free(count: int) -> None:
+        filler = disk / "filler"
+        filler.unlink(missing_ok=True)
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - count))
+        assert shutil.disk_usage(disk).free == count
+
+    leave_free(1 << 20)  # exactly the floor: room enough, so some other write error
+    assert _disk_full_message(words, run, run) is None
+    leave_free((1 << 20) - 4096)  # a page less
+    assert "is full" in _disk_full_message(words, run, run)
+    leave_free(3 << 19)  # 1.5 MiB
+    assert _disk_full_message(words, run, run) is None
+
+
 def test_a_full_disk_message_names_the_right_disk_and_need_before_and_after_anything_was_written(tmp_path):
     import errno
     import os
