@@ -409,6 +409,37 @@ def test_a_failed_run_leaves_its_checkpoints_but_not_its_half_staged_final_files
     assert not (tmp_path / "never").exists()
 
 
+def test_publishing_renames_every_file_into_the_folder_and_the_adapter_config_last(tmp_path, monkeypatch):
+    """A folder with adapter_config.json is a finished adapter to peft and to --resume: it must appear last, after
+    every other file, whatever the names sort as; staged files get the mode of a new file (0644 under umask 022),
+    not safetensors' 0600; the staging folder goes."""
+    import os
+    import stat
+
+    from lora.core.files import new_file_mode
+    from lora.training.run_folder import publish_folder
+
+    staging, out = tmp_path / ".staging-1", tmp_path / "run"
+    (staging / "sub").mkdir(parents=True)
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "sub/zz.json"):
+        (staging / name).write_text(name)
+        (staging / name).chmod(0o600)  # as safetensors writes its files
+    renamed = []
+    real_replace = os.replace
+
+    def watched_replace(source, target):
+        renamed.append(Path(target).relative_to(out).as_posix())
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    publish_folder(staging, out)
+    assert renamed[-1] == "adapter_config.json"
+    assert sorted(renamed) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/zz.json"]
+    assert all((out / name).read_text() == name for name in renamed) and not staging.exists()
+    assert all(stat.S_IMODE((out / name).stat().st_mode) == new_file_mode() for name in renamed)  # 0644 by umask
+
+
 def test_sizes_are_told_in_the_largest_unit_below_1024():
     from lora.training.run_folder import human_size
 
