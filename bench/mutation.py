@@ -36,7 +36,7 @@ TABLE = REPO / "MUTATION.md"
 MODULES: dict[str, list[str]] = {
     "lora/training/sft_data.py": ["tests/test_data.py", "tests/test_training_loss.py", "tests/test_chat_data.py",
                                   "tests/test_mixtures.py"],
-    "eval/harness/metrics.py": ["tests/test_eval_metrics.py"],
+    "eval/harness/metrics.py": ["tests/test_eval_metrics.py", "tests/test_metric_table.py"],
     "lora/core/files.py": ["tests/test_output_lock_and_swap.py", "tests/test_json_files.py",
                            "tests/test_command_outputs.py"],
     "lora/prompts/templates.py": ["tests/test_data.py", "tests/test_encoding.py",
