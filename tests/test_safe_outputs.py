@@ -420,9 +420,9 @@ def test_publishing_renames_every_file_into_the_folder_and_the_adapter_config_la
     from lora.training.run_folder import publish_folder
 
     staging, out = tmp_path / ".staging-1", tmp_path / "run"
-    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "deeper").mkdir(parents=True)
     out.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "sub/zz.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "sub/deeper/zz.json"):
         (staging / name).write_text(name)
         (staging / name).chmod(0o600)  # as safetensors writes its files
     renamed = []
@@ -435,7 +435,7 @@ def test_publishing_renames_every_file_into_the_folder_and_the_adapter_config_la
     monkeypatch.setattr(os, "replace", watched_replace)
     publish_folder(staging, out)
     assert renamed[-1] == "adapter_config.json"
-    assert sorted(renamed) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/zz.json"]
+    assert sorted(renamed) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/deeper/zz.json"]
     assert all((out / name).read_text() == name for name in renamed) and not staging.exists()
     assert all(stat.S_IMODE((out / name).stat().st_mode) == new_file_mode() for name in renamed)  # 0644 by umask
 
