@@ -440,6 +440,41 @@ def test_publishing_renames_every_file_into_the_folder_and_the_adapter_config_la
     assert all(stat.S_IMODE((out / name).stat().st_mode) == new_file_mode() for name in renamed)  # 0644 by umask
 
 
+@pytest.mark.parametrize("in_the_way", ["folder", "file", "symlink", "dangling symlink"])
+def test_a_replacement_folder_name_taken_by_something_else_is_refused_and_left_alone(tmp_path, in_the_way):
+    """`.NAME.overwrite` holding what this tool did not write (settling removes only its own leftovers): --overwrite
+    refuses to build there and touches nothing."""
+    from lora.core.errors import OutputError
+    from lora.training.run_folder import OutputPlan, prepare_output_dir, replacement_dir, settle_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    beside = replacement_dir(out)
+    if in_the_way == "folder":
+        beside.mkdir()
+        (beside / "notes.txt").write_text("mine")
+    elif in_the_way == "file":
+        beside.write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        beside.symlink_to(tmp_path / ("elsewhere" if in_the_way == "symlink" else "gone"))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert settle_output_dir(out) == []
+    with pytest.raises(OutputError) as refused:
+        prepare_output_dir(OutputPlan(output_dir=out, work_dir=beside))
+    assert str(refused.value) == (f"{beside} is in the way of replacing {out} and was not written by this tool; "
+                                  "move it away.")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_run_folder_is_made_with_every_missing_parent(tmp_path):
+    from lora.training.run_folder import OutputPlan, prepare_output_dir
+
+    out = tmp_path / "new" / "nested" / "run"
+    prepare_output_dir(OutputPlan(output_dir=out, work_dir=out))
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_sizes_are_told_in_the_largest_unit_below_1024():
     from lora.training.run_folder import human_size
 
