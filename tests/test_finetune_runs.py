@@ -132,6 +132,7 @@ def test_loss_curve_shows_train_and_validation_loss_against_the_optimizer_step(t
     """loss_curve.png: a 600x350 PNG, the train loss as a line and the validation loss as dots against the optimizer
     step, labelled, titled with the run, faint grid; no figure left open. The figure is read as matplotlib drew it
     (savefig is watched, not replaced)."""
+    import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
     from PIL import Image
@@ -146,9 +147,10 @@ def test_loss_curve_shows_train_and_validation_loss_against_the_optimizer_step(t
         return saved
 
     monkeypatch.setattr(Figure, "savefig", watched_savefig)
-    plot_loss_curve([(1, 2.0), (2, 1.5), (3, 1.2)], [(2, 1.7), (3, 1.4)], tmp_path / "both.png", "demo (tiny)")
-    plot_loss_curve([(1, 2.0), (2, 1.5)], [], tmp_path / "train.png", "no validation")
-    plot_loss_curve([], [(2, 1.7)], tmp_path / "validation.png", "no train loss")
+    with matplotlib.rc_context({"figure.dpi": 72}):  # a user's matplotlibrc does not change the image's size
+        plot_loss_curve([(1, 2.0), (2, 1.5), (3, 1.2)], [(2, 1.7), (3, 1.4)], tmp_path / "both.png", "demo (tiny)")
+        plot_loss_curve([(1, 2.0), (2, 1.5)], [], tmp_path / "train.png", "no validation")
+        plot_loss_curve([], [(2, 1.7)], tmp_path / "validation.png", "no train loss")
     assert plt.get_fignums() == []
     with Image.open(tmp_path / "both.png") as image:
         assert (image.format, image.size) == ("PNG", (600, 350))
