@@ -467,6 +467,22 @@ def test_a_replacement_folder_name_taken_by_something_else_is_refused_and_left_a
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def test_planning_a_run_refuses_overwrite_with_resume_and_a_resume_with_nothing_to_continue(finished_run, tmp_path):
+    from lora.core.errors import OutputError
+    from lora.training.run_folder import plan_output_dir, replacement_dir
+
+    out = _copy_run(finished_run, tmp_path)
+    with pytest.raises(OutputError) as refused:
+        plan_output_dir(out, overwrite=True, resume=True)
+    assert str(refused.value) == ("--overwrite trains again from step 0 and --resume continues a run: pass only one "
+                                  "of them.")
+    # a finished run: continuing it needs a checkpoint the caller found; by default none was
+    with pytest.raises(OutputError, match="no intact checkpoint to resume from, so --resume has nothing to continue"):
+        plan_output_dir(out, overwrite=False, resume=True)
+    plan = plan_output_dir(out, overwrite=False, resume=True, has_checkpoint_to_resume=True)
+    assert (plan.work_dir, plan.continues_finished) == (replacement_dir(out), True)
+
+
 def test_a_run_folder_is_made_with_every_missing_parent(tmp_path):
     from lora.training.run_folder import OutputPlan, prepare_output_dir
 
