@@ -483,6 +483,27 @@ def test_planning_a_run_refuses_overwrite_with_resume_and_a_resume_with_nothing_
     assert (plan.work_dir, plan.continues_finished) == (replacement_dir(out), True)
 
 
+@pytest.mark.parametrize(("count", "listed", "more"), [(8, 8, ""), (9, 8, " and 1 more"), (11, 8, " and 3 more")])
+def test_a_folder_the_runner_did_not_write_is_refused_listing_what_it_holds(tmp_path, count, listed, more):
+    from lora.core.errors import OutputError
+    from lora.training.run_folder import plan_output_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    names = [f"file{i:02d}.txt" for i in range(count - 1)] + ["photos"]
+    for name in names[:-1]:
+        (out / name).write_text("x")
+    (out / "photos").mkdir()
+    shown = [name + ("/" if name == "photos" else "") for name in sorted(names)][:listed]
+    with pytest.raises(OutputError) as refused:
+        plan_output_dir(out, overwrite=True, resume=False)
+    assert f"(it has no run_summary.json written by it; it holds: {', '.join(shown)}{more})," in str(refused.value)
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(OutputError) as refused:
+        plan_output_dir(tmp_path / "a file", overwrite=False, resume=False)
+    assert str(refused.value) == f"the output folder {tmp_path / 'a file'} is a file; choose another --output-dir."
+
+
 def test_a_run_folder_is_made_with_every_missing_parent(tmp_path):
     from lora.training.run_folder import OutputPlan, prepare_output_dir
 
