@@ -477,8 +477,16 @@ def test_planning_a_run_refuses_overwrite_with_resume_and_a_resume_with_nothing_
     assert str(refused.value) == ("--overwrite trains again from step 0 and --resume continues a run: pass only one "
                                   "of them.")
     # a finished run: continuing it needs a checkpoint the caller found; by default none was
-    with pytest.raises(OutputError, match="no intact checkpoint to resume from, so --resume has nothing to continue"):
-        plan_output_dir(out, overwrite=False, resume=True)
+    summary = json.loads((out / "run_summary.json").read_text())
+    for steps in (summary["steps"], "?"):  # "?": a summary that does not say
+        with pytest.raises(OutputError) as refused:
+            plan_output_dir(out, overwrite=False, resume=True)
+        assert str(refused.value) == (
+            f"{out} holds a finished adapter ({steps} steps) and no intact checkpoint to resume from, so --resume has "
+            "nothing to continue. Pass --overwrite to train again from step 0 (the finished adapter is replaced only "
+            "when the new run has finished), or --output-dir DIR to write elsewhere.")
+        summary.pop("steps", None)
+        (out / "run_summary.json").write_text(json.dumps(summary))
     plan = plan_output_dir(out, overwrite=False, resume=True, has_checkpoint_to_resume=True)
     assert (plan.work_dir, plan.continues_finished) == (replacement_dir(out), True)
 
@@ -497,7 +505,10 @@ def test_a_folder_the_runner_did_not_write_is_refused_listing_what_it_holds(tmp_
     shown = [name + ("/" if name == "photos" else "") for name in sorted(names)][:listed]
     with pytest.raises(OutputError) as refused:
         plan_output_dir(out, overwrite=True, resume=False)
-    assert f"(it has no run_summary.json written by it; it holds: {', '.join(shown)}{more})," in str(refused.value)
+    assert str(refused.value) == (
+        f"{out} is not a run folder of lora/finetune.py (it has no run_summary.json written by it; it holds: "
+        f"{', '.join(shown)}{more}), so it is neither written into nor replaced. Choose another --output-dir, or "
+        "empty that folder yourself.")
     (tmp_path / "a file").write_text("x")
     with pytest.raises(OutputError) as refused:
         plan_output_dir(tmp_path / "a file", overwrite=False, resume=False)
