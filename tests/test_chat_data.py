@@ -3,7 +3,9 @@ families; a chat row is scored with the prompt it trained after; bad chat rows e
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 
@@ -170,3 +172,41 @@ def test_a_chat_recipe_trains_and_scores_through_the_runner(tmp_path, tiny_model
     assert result.summary["status"] == "completed"
     assert result.summary["datasets"][0]["format"] == "messages"
     assert result.summary["eval_after"]["sentiment"]["prompt_template"] == "chat"
+
+
+def test_a_chat_row_its_template_cannot_render_is_named_by_file_and_line_or_as_a_validation_row(tmp_path,
+                                                                                                  tiny_model_dir):
+    """A template that renders a conversation's start differently from the whole (here: it counts the messages
+    first), so assistant turns cannot be located: the error names the training row's file:line, "validation row"
+    for a validation file's, and "row" for a row encoded on its own; a conversation longer than max_seq_length
+    loses its left end."""
+    from lora.core.errors import DataError
+    from lora.models.loading import load_tokenizer
+    from lora.training.sft_data import build_datasets, encode_row
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    counting = copy.deepcopy(tokenizer)
+    counting.chat_template = ("{{ messages|length }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
+                              "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    chat = write_rows(tmp_path / "chat.jsonl", [GOOD] * 4)
+    plain = write_rows(tmp_path / "plain.jsonl", [{"context": "Is it good?", "target": "yes"}] * 4)
+    recipe = {"prompt_template": "chat", "seed": 3, "validation_split": 0.0, "max_train_examples": None,
+              "max_seq_length": 64, "trainer": "sft", "datasets": None}
+    in_file = rf"{re.escape(str(chat))}:[1-4]: "  # which row comes first depends on the seed's shuffle
+    for dataset, validation, named in ((chat, None, in_file), (plain, chat, "validation row: ")):
+        with pytest.raises(DataError) as refused:
+            build_datasets({**recipe, "dataset_path": str(dataset), "validation_path": validation and str(validation)},
+                           counting)
+        assert re.match(named + "the tokenizer's chat template renders", str(refused.value)), str(refused.value)
+    with pytest.raises(DataError) as refused:
+        encode_row(GOOD, "chat", counting, 64)
+    assert str(refused.value).startswith("row: ")
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(DataError) as refused:
+        encode_row(GOOD, "chat", no_template, 64, "rows.jsonl:2")
+    assert str(refused.value).startswith("rows.jsonl:2: chat rows")
+    long = {"messages": [{"role": "user", "content": "q " * 40}, {"role": "assistant", "content": "a"}]}
+    whole = encode_row(long, "chat", tokenizer, 1000)
+    cut = encode_row(long, "chat", tokenizer, 12)
+    assert cut["input_ids"] == whole["input_ids"][-12:] and cut["labels"] == whole["labels"][-12:]
