@@ -109,6 +109,20 @@ def _write_rows(path, rows):
     return str(path)
 
 
+def test_the_run_records_encoding_report_covers_the_training_rows_only(tmp_path, tokenizer):
+    """The boundary report in the run record counts the rows the run trained on: not the validation split, not
+    the rows max_train_examples left out."""
+    from lora.training.data_mixture import encoding_report
+
+    rows = [{"context": f"Input: headline number {i}.\nAnswer: ", "target": "positive"} for i in range(20)]
+    recipe = {"prompt_template": "plain", "dataset_path": _write_rows(tmp_path / "train.jsonl", rows), "seed": 3,
+              "validation_path": None, "validation_split": 0.2, "max_train_examples": 10, "max_seq_length": 24,
+              "trainer": "sft", "datasets": None}
+    data = build_datasets(recipe, tokenizer)
+    assert (len(data.train), len(data.validation)) == (10, 4)
+    assert encoding_report(recipe, tokenizer, data)["rows"] == 10
+
+
 def test_datasets_hold_every_row_encoded_split_and_capped_as_the_recipe_says(tmp_path, tokenizer):
     rows = [{"context": f"Input: headline number {i}.\nAnswer: ", "target": ("positive", "negative")[i % 2]}
             for i in range(20)]
