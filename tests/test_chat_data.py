@@ -210,3 +210,28 @@ def test_a_chat_row_its_template_cannot_render_is_named_by_file_and_line_or_as_a
     whole = encode_row(long, "chat", tokenizer, 1000)
     cut = encode_row(long, "chat", tokenizer, 12)
     assert cut["input_ids"] == whole["input_ids"][-12:] and cut["labels"] == whole["labels"][-12:]
+
+
+def test_a_conversation_the_chat_template_refuses_exits_2_naming_file_and_line(tmp_path, capsys):
+    """Llama 2's and Mistral's templates raise on a system turn: the run stops with the row's file:line and what to
+    change, not jinja's traceback, and publishes nothing."""
+    from lora.finetune import main
+    from tiny_model import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}[{{ m['role'] }}]"
+        "{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "model")
+    build_tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    with_system = {"messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
+    data = write_rows(tmp_path / "chat.jsonl", [GOOD, with_system, GOOD])
+    registry = registry_with(tmp_path, {"base_model": str(tmp_path / "model"), "dataset_path": str(data),
+                                        "prompt_template": "chat", "quant_bits": None, "max_steps": 1})
+    assert main(["r", "--registry", str(registry), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert (f"error: {data}:2: the base model's chat template refuses this conversation (Only user and assistant "
+            "roles are supported). Write the rows as it accepts them") in error, error
+    assert "Traceback" not in error and not (tmp_path / "out" / "adapter_config.json").exists()

@@ -67,21 +67,35 @@ def check_conversation(messages: Any, where: str, *, need_assistant: bool = True
     return messages
 
 
-def render_conversation(messages: list[dict], tokenizer, *, generation_prompt: bool = False) -> str:
-    """The conversation as the tokenizer's chat template writes it (with the assistant header when asked)."""
-    return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                         add_generation_prompt=generation_prompt, tokenize=False)
+def render_conversation(messages: list[dict], tokenizer, where: str, *, generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template writes it (with the assistant header when asked).
+
+    Raises:
+        DataError: naming `where` (file:line), when the template refuses the conversation (Llama 2's and Mistral's
+            raise on a system turn or on roles out of order).
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                             add_generation_prompt=generation_prompt, tokenize=False)
+    except TemplateError as error:
+        raise DataError(
+            f"{where}: the base model's chat template refuses this conversation ({error}). Write the rows as it "
+            "accepts them (many templates take only alternating user and assistant turns: fold a system message "
+            "into the first user turn)."
+        ) from None
 
 
 def _assistant_spans(messages: list[dict], tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn in it."""
-    text = render_conversation(messages, tokenizer)
+    text = render_conversation(messages, tokenizer, where)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_conversation(messages[:index], tokenizer, generation_prompt=True) if index else ""
-        through = render_conversation(messages[: index + 1], tokenizer)
+        before = render_conversation(messages[:index], tokenizer, where, generation_prompt=True) if index else ""
+        through = render_conversation(messages[: index + 1], tokenizer, where)
         if not (text.startswith(through) and through.startswith(before)):
             raise DataError(f"{where}: the tokenizer's chat template renders the conversation up to assistant turn "
                             f"messages[{index}] differently from the start of the whole conversation (e.g. it "
