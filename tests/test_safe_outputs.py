@@ -523,6 +523,45 @@ def test_a_run_folder_is_made_with_every_missing_parent(tmp_path):
     assert out.is_dir() and list(out.iterdir()) == []
 
 
+def test_an_action_on_the_main_process_hands_back_its_result_its_refusal_or_its_bug():
+    """One process (accelerate's real PartialState): the action's result is returned; a UserError comes back as an
+    OutputError with its words; any other exception is raised as it was (a bug shows its own traceback)."""
+    from accelerate import PartialState
+
+    from lora.core.errors import OutputError, UserError
+    from lora.training.run_folder import on_main_process
+
+    state = PartialState()
+    assert state.num_processes == 1 and on_main_process(state, lambda: ["settled"]) == ["settled"]
+
+    def refuse():
+        raise UserError("the folder is held by process 7")
+
+    with pytest.raises(OutputError) as refused:
+        on_main_process(state, refuse)
+    assert str(refused.value) == "the folder is held by process 7"
+    bug = KeyError("steps")
+
+    def fail():
+        raise bug
+
+    with pytest.raises(KeyError) as raised:
+        on_main_process(state, fail)
+    assert raised.value is bug
+
+
+def test_settling_removes_only_an_unfinished_replacement_this_tool_left_and_says_so(tmp_path):
+    from lora.training.run_folder import replacement_dir, settle_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    assert settle_output_dir(out) == []  # nothing beside it: nothing to say
+    replacement_dir(out).mkdir()  # what a run killed before writing anything leaves
+    assert settle_output_dir(out) == [f"removed {replacement_dir(out)}, the unfinished replacement of a run that "
+                                      "was stopped (it was never published)"]
+    assert not replacement_dir(out).exists()
+
+
 def test_sizes_are_told_in_the_largest_unit_below_1024():
     from lora.training.run_folder import human_size
 
