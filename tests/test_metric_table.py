@@ -115,3 +115,12 @@ def test_the_lm_eval_export_reports_the_table_with_the_harness_values(tmp_path, 
         for metric, aggregate in lm_eval_task.aggregation().items():
             theirs = aggregate([values[metric] for values in per_document])
             assert theirs == pytest.approx(ours[metric]), (task.name, metric)
+
+
+def test_numeric_scores_default_to_one_percent_and_an_unknown_kind_is_named():
+    """A numeric task that sets no tolerance: within 1% of the target (or 1e-6 of a zero target) is right."""
+    scores = metrics.task_scores("numeric", [100.0, 100.0, 0.0, 0.0], [100.9, 102.0, 0.0000005, 0.5])
+    assert (scores["accuracy"], scores["rel_tol"], scores["abs_tol"]) == (0.5, 0.01, 1e-6)
+    with pytest.raises(ValueError) as refused:
+        metrics.task_scores("ranking", [], [])
+    assert str(refused.value) == "unknown task kind 'ranking' (known: classification, entities, numeric, text)"
