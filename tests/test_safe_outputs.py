@@ -7,6 +7,7 @@ checks the exit code, the message and that the previous adapter's files are byte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -513,6 +514,52 @@ def test_a_folder_the_runner_did_not_write_is_refused_listing_what_it_holds(tmp_
     with pytest.raises(OutputError) as refused:
         plan_output_dir(tmp_path / "a file", overwrite=False, resume=False)
     assert str(refused.value) == f"the output folder {tmp_path / 'a file'} is a file; choose another --output-dir."
+
+
+def test_a_finished_or_interrupted_run_is_not_trained_over_without_being_asked(finished_run, tmp_path):
+    from lora.core.errors import OutputError
+    from lora.training.run_folder import plan_output_dir
+
+    out = _copy_run(finished_run, tmp_path)
+    with pytest.raises(OutputError) as refused:
+        plan_output_dir(out, overwrite=False, resume=False)
+    assert str(refused.value) == (f"{out} already holds a finished adapter. Pass --overwrite to replace it (only "
+                                  "once the new run has finished), or --output-dir DIR to write elsewhere.")
+    (out / "adapter_config.json").unlink()  # as a run killed before publishing leaves it, with its checkpoints
+    with pytest.raises(OutputError) as refused:
+        plan_output_dir(out, overwrite=False, resume=False)
+    assert str(refused.value) == (f"{out} holds checkpoints of an interrupted run. Pass --resume auto to continue "
+                                  "it, or --overwrite to start again.")
+
+
+def test_continuing_a_finished_run_shares_its_checkpoints_and_copies_its_logs(tmp_path):
+    """The replacement a resumed finished run is built in starts with the finished run's checkpoints as hard links
+    (never changed once written), its tracker logs as copies (appended to), symlinks as symlinks, and without a
+    checkpoint still being written; final files a killed run was staging there are removed."""
+    from lora.training.checkpoints import CHECKPOINT_STAGING_DIR
+    from lora.training.run_folder import CHECKPOINT_DIR, STAGING_PREFIX, OutputPlan, prepare_output_dir, replacement_dir
+
+    out = tmp_path / "run"
+    (out / CHECKPOINT_DIR / "checkpoint-2").mkdir(parents=True)
+    (out / CHECKPOINT_DIR / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"weights")
+    (out / CHECKPOINT_DIR / "latest").symlink_to("checkpoint-2")
+    (out / CHECKPOINT_DIR / CHECKPOINT_STAGING_DIR).mkdir()
+    (out / "logs").mkdir()
+    (out / "logs" / "events.log").write_text("step 2\n")
+    plan = OutputPlan(output_dir=out, work_dir=replacement_dir(out), continues_finished=True)
+    prepare_output_dir(plan)
+    work = plan.work_dir
+    weights = CHECKPOINT_DIR + "/checkpoint-2/adapter_model.safetensors"
+    assert (work / weights).stat().st_ino == (out / weights).stat().st_ino
+    assert (work / "logs" / "events.log").read_text() == "step 2\n"
+    assert (work / "logs" / "events.log").stat().st_ino != (out / "logs" / "events.log").stat().st_ino
+    assert (work / CHECKPOINT_DIR / "latest").is_symlink()
+    assert os.readlink(work / CHECKPOINT_DIR / "latest") == "checkpoint-2"
+    assert not (work / CHECKPOINT_DIR / CHECKPOINT_STAGING_DIR).exists()
+    # in place (resuming an interrupted run): staged final files of a killed run go, its checkpoints stay
+    (out / f"{STAGING_PREFIX}5").mkdir()
+    prepare_output_dir(OutputPlan(output_dir=out, work_dir=out))
+    assert not (out / f"{STAGING_PREFIX}5").exists() and (out / weights).exists()
 
 
 def test_a_run_folder_is_made_with_every_missing_parent(tmp_path):
