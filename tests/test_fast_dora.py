@@ -533,6 +533,7 @@ def test_a_sharded_base_weight_is_refused_not_normed(one_process_group):
         model(distribute_tensor(torch.randn(2, 64), mesh, [Replicate()]))
 
 
+@pytest.mark.sharded  # needs the deepspeed extra, which CI installs for its `pytest -m sharded` stage
 def test_a_zero3_base_weight_is_used_gathered_and_refused_as_a_partition():
     """DeepSpeed ZeRO-3 marks each parameter with its status: fast DoRA reads a gathered (AVAILABLE) weight and
     refuses one held only as a partition, naming the status."""
