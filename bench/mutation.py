@@ -102,14 +102,19 @@ def mutmut_section(module: str, tests: list[str]) -> str:
 
 def prepare(module: str, tests: list[str], work: Path) -> Path:
     folder = scratch_folder(module, work)
-    shutil.rmtree(folder, ignore_errors=True)
-    for name in tracked_files():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, folder / name)
+    copy_repository(folder)
     (folder / "record.json").write_text(json.dumps({"started": time.time()}))
     pyproject = folder / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + "\n" + mutmut_section(module, tests))
     return folder
+
+
+def copy_repository(target: Path) -> None:
+    """A fresh copy of the repository's files (`tracked_files`) in `target`, replacing whatever was there."""
+    shutil.rmtree(target, ignore_errors=True)
+    for name in tracked_files():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target / name)
 
 
 def tracked_files() -> list[str]:
@@ -211,13 +216,9 @@ def check_outside(module: str, work: Path) -> list[str]:
         raise SystemExit(f"--check-outside: no kept run of {module} in {folder} (run it with --keep first)")
     if (REPO / module).read_bytes() != (folder / module).read_bytes():
         raise SystemExit(f"--check-outside: {module} changed since its kept run; run it again first")
-    groups = [group for group in json.loads(JUDGED.read_text()).get(module, [])
-              if group["verdict"] == "killed outside mutmut"]
+    groups = [group for group in judged_groups(module) if group["verdict"] == "killed outside mutmut"]
     plain = folder.with_name(folder.name + "_outside")
-    shutil.rmtree(plain, ignore_errors=True)
-    for name in tracked_files():
-        (plain / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, plain / name)
+    copy_repository(plain)
     mutmut = Path(sys.executable).with_name("mutmut")
     prefix = module.removesuffix(".py").replace("/", ".")
     original = (folder / module).read_bytes()
@@ -257,10 +258,15 @@ def summarise(module: str, tests: list[str], folder: Path, minutes: float, retur
                 name for name, status in found.items() if status in ("killed", "timeout"))}
 
 
+def judged_groups(module: str) -> list[dict]:
+    """The module's groups of survivors read by hand (verdict, why, mutants, and for "killed outside mutmut" the
+    tests that kill them), from JUDGED."""
+    return json.loads(JUDGED.read_text()).get(module, []) if JUDGED.is_file() else []
+
+
 def judged(module: str) -> dict[str, str]:
     """mutant name (as mutmut names it, without the module) -> its verdict, for the survivors read by hand."""
-    groups = json.loads(JUDGED.read_text()).get(module, []) if JUDGED.is_file() else []
-    return {name: group["verdict"] for group in groups for name in group["mutants"]}
+    return {name: group["verdict"] for group in judged_groups(module) for name in group["mutants"]}
 
 
 def short_name(mutant: str) -> str:
