@@ -3,7 +3,6 @@ families; a chat row is scored with the prompt it trained after; bad chat rows e
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -183,11 +182,12 @@ def test_a_chat_row_its_template_cannot_render_is_named_by_file_and_line_or_as_a
     from lora.core.errors import DataError
     from lora.models.loading import load_tokenizer
     from lora.training.sft_data import build_datasets, encode_row
+    from tiny_model import with_chat_template
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    counting = copy.deepcopy(tokenizer)
-    counting.chat_template = ("{{ messages|length }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
-                              "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    counting = with_chat_template(tokenizer, ("{{ messages|length }}{% for m in messages %}[{{ m['role'] }}]"
+                                              "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+                                              "[assistant]{% endif %}"))
     chat = write_rows(tmp_path / "chat.jsonl", [GOOD] * 4)
     plain = write_rows(tmp_path / "plain.jsonl", [{"context": "Is it good?", "target": "yes"}] * 4)
     recipe = {"prompt_template": "chat", "seed": 3, "validation_split": 0.0, "max_train_examples": None,
@@ -201,10 +201,8 @@ def test_a_chat_row_its_template_cannot_render_is_named_by_file_and_line_or_as_a
     with pytest.raises(DataError) as refused:
         encode_row(GOOD, "chat", counting, 64)
     assert str(refused.value).startswith("row: ")
-    no_template = copy.deepcopy(tokenizer)
-    no_template.chat_template = None
     with pytest.raises(DataError) as refused:
-        encode_row(GOOD, "chat", no_template, 64, "rows.jsonl:2")
+        encode_row(GOOD, "chat", with_chat_template(tokenizer, None), 64, "rows.jsonl:2")
     assert str(refused.value).startswith("rows.jsonl:2: chat rows")
     long = {"messages": [{"role": "user", "content": "q " * 40}, {"role": "assistant", "content": "a"}]}
     whole = encode_row(long, "chat", tokenizer, 1000)

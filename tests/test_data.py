@@ -167,10 +167,9 @@ def test_padded_batches_pad_labels_with_the_ignore_index_to_the_longest_example(
 
 
 def test_datasets_refuse_the_chat_template_on_a_tokenizer_without_one(tmp_path, tokenizer):
-    import copy
+    from tiny_model import with_chat_template
 
-    plain_only = copy.deepcopy(tokenizer)
-    plain_only.chat_template = None
+    plain_only = with_chat_template(tokenizer, None)
     recipe = {"prompt_template": "chat", "dataset_path": _write_rows(tmp_path / "train.jsonl", [ROW]), "seed": 0,
               "validation_path": None, "validation_split": 0, "max_train_examples": None, "max_seq_length": 64}
     with pytest.raises(UserError, match="chat template"):

@@ -19,6 +19,7 @@ from lora.prompts.templates import (
     prompt_text,
 )
 from lora.training.sft_data import encode_example
+from tiny_model import with_chat_template
 
 BUNDLED = sorted((REPO_ROOT / "data").glob("t*/*.jsonl"))
 TEMPLATES = ("plain", "chat")
@@ -139,7 +140,7 @@ def test_a_template_is_plain_chat_or_a_format_string_and_chat_needs_a_chat_templ
             check_template(template, bos_tokenizer)
         assert str(refused.value) == (
             f'prompt_template "{template}" is neither "plain", "chat" nor a format string containing {{context}}.')
-    without_chat = _with_template(bos_tokenizer, None)
+    without_chat = with_chat_template(bos_tokenizer, None)
     for template in ("plain", "Q: {context}"):
         check_template(template, without_chat)
     with pytest.raises(DataError) as refused:
@@ -178,32 +179,24 @@ def test_the_answer_starts_where_the_prompts_ids_stop_agreeing_with_the_whole_te
         assert common_prefix_length(part, whole) == expected, (part, whole)
 
 
-def _with_template(tokenizer, template: str | None):
-    import copy
-
-    other = copy.deepcopy(tokenizer)
-    other.chat_template = template
-    return other
-
-
 def test_an_answer_closes_with_the_chat_turns_end_and_with_eos_when_the_turn_does_not_continue_the_prompt(
     tiny_model_dir,
 ):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     assert answer_suffix("chat", tokenizer) == "</s>" and answer_suffix("plain", tokenizer) == tokenizer.eos_token
     # a template that accepts only the roles it knows (as Llama 2's and Mistral's raise on others)
-    strict = _with_template(tokenizer, (
+    strict = with_chat_template(tokenizer, (
         "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('role') }}"
         "{% endif %}[{{ m['role'] }}]{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"))
     assert answer_suffix("chat", strict) == "<|end|>"
     # a generation prompt the rendered assistant turn does not start with: the marker split would not be the
     # turn's end, so the answer closes with EOS as plain templates do
-    mismatched = _with_template(tokenizer, (
+    mismatched = with_chat_template(tokenizer, (
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"))
     assert answer_suffix("chat", mismatched) == tokenizer.eos_token
-    no_eos = _with_template(tokenizer, None)
+    no_eos = with_chat_template(tokenizer, None)
     no_eos.eos_token = None  # a tokenizer with a pad token and no EOS: nothing closes a plain answer
     assert answer_suffix("plain", no_eos) == ""
 

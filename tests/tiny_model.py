@@ -70,6 +70,15 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, laye
     return LlamaForCausalLM(config).eval()
 
 
+def with_chat_template(tokenizer, template: str | None):
+    """A copy of `tokenizer` with another chat template (None: without one); the original is left as it is."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     """Write a tiny Llama + tokenizer as a standard local model folder and return it."""
     directory = Path(directory)
