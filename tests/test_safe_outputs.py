@@ -258,7 +258,6 @@ def _disk_full_message(error, output_dir, work_dir):
 
 def test_a_full_disk_names_the_disk_the_space_and_what_is_kept_and_other_errors_are_left_alone(tmp_path):
     import errno
-    import os
     import re
 
     from lora.training.run_folder import CHECKPOINT_DIR
@@ -364,7 +363,6 @@ def test_a_librarys_words_alone_mean_a_full_disk_only_below_one_mib_free_or_the_
 
 def test_a_full_disk_message_names_the_right_disk_and_need_before_and_after_anything_was_written(tmp_path):
     import errno
-    import os
 
     full = OSError(errno.ENOSPC, "No space left on device")
     # the run's folder not made yet: the disk of the folder it would be made in; nothing written
@@ -414,7 +412,6 @@ def test_publishing_renames_every_file_into_the_folder_and_the_adapter_config_la
     """A folder with adapter_config.json is a finished adapter to peft and to --resume: it must appear last, after
     every other file, whatever the names sort as; staged files get the mode of a new file (0644 under umask 022),
     not safetensors' 0600; the staging folder goes."""
-    import os
     import stat
 
     from lora.core.files import new_file_mode
@@ -617,7 +614,6 @@ def test_sizes_are_told_in_the_largest_unit_below_1024():
 
 
 def test_checkpoints_carried_into_a_replacement_are_linked_or_copied_across_file_systems(tmp_path):
-    import os
     import tempfile
 
     from lora.training.run_folder import link_or_copy
